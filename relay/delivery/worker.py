@@ -1,0 +1,250 @@
+"""Delivery workers: claim due recipients, deliver per destination, record outcomes.
+
+A claim is a lease (``delivery.lease_seconds``) renewed while the attempt runs; a worker
+that dies simply stops renewing, and another claims the rows when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.config import DeliveryConfig
+from relay.delivery import dkim
+from relay.delivery.client import DestinationSession, Envelope
+from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
+from relay.errors import StoreUnavailable
+from relay.model import Claim, Domain, Outcome, RecipientStatus
+from relay.queue.retry import is_expired, next_delay
+from relay.queue.store import OutcomeUpdate, Store
+
+log = logging.getLogger("relay.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    data: bytes
+    mail_from: str
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        store: Store,
+        cfg: DeliveryConfig,
+        resolver: MXResolver,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.resolver = resolver
+        self.owner = owner
+        self.clock = clock
+        self.session = DestinationSession(
+            cfg.helo_name, cfg.require_tls, cfg.connect_timeout, cfg.command_timeout
+        )
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: set[int] = set()
+        self._domains: dict[str, tuple[float, Domain | None]] = {}
+        self.running = False
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.running = True
+        renewer = asyncio.create_task(self._renew_loop())
+        try:
+            while not self._stopping:
+                try:
+                    claimed = await self._claim()
+                except StoreUnavailable as exc:
+                    log.warning("claim failed, database unavailable: %s", exc)
+                    await self._sleep(min(5.0, self.cfg.poll_interval * 5))
+                    continue
+                if not claimed:
+                    await self._sleep(self.cfg.poll_interval)
+        finally:
+            renewer.cancel()
+            self.running = False
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _claim(self) -> int:
+        free = self.cfg.concurrency - (len(self._tasks))
+        if free <= 0:
+            await self._sleep(self.cfg.poll_interval)
+            return 0
+        claims = await self.store.claim_due(
+            self.owner, self.cfg.lease_seconds, min(self.cfg.batch_size, free * 20)
+        )
+        if not claims:
+            return 0
+        by_domain: dict[str, list[Claim]] = defaultdict(list)
+        for c in claims:
+            by_domain[c.rcpt_domain].append(c)
+            self._inflight.add(c.recipient_id)
+        for rcpt_domain, group in by_domain.items():
+            task = asyncio.create_task(self._deliver_domain(rcpt_domain, group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claims)
+
+    async def _renew_loop(self) -> None:
+        # Renew at a third of the lease so two missed renewals still leave margin.
+        interval = max(1.0, self.cfg.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if self._inflight:
+                try:
+                    await self.store.renew_leases(
+                        self.owner, sorted(self._inflight), self.cfg.lease_seconds
+                    )
+                except StoreUnavailable as exc:
+                    log.warning("lease renewal failed: %s", exc)
+
+    async def _sender_domain(self, name: str) -> Domain | None:
+        now = time.monotonic()
+        hit = self._domains.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        d = await self.store.get_domain(name)
+        self._domains[name] = (now + 30.0, d)
+        return d
+
+    async def _prepare(self, message_id: str) -> Prepared:
+        body, mail_from, _account = await self.store.message_for_delivery(message_id)
+        dom = mail_from.rpartition("@")[2].lower()
+        header_dom = _header_from_domain(body)
+        signer = None
+        for name in (header_dom, dom):
+            if name:
+                signer = await self._sender_domain(name)
+                if signer is not None:
+                    break
+        if signer is not None:
+            body = await asyncio.to_thread(dkim.sign, body, signer)
+        return Prepared(body, mail_from)
+
+    async def _deliver_domain(self, rcpt_domain: str, claims: list[Claim]) -> None:
+        async with self._slots:
+            try:
+                await self._attempt(rcpt_domain, claims)
+            except Exception:
+                log.exception("delivery to %s failed unexpectedly", rcpt_domain)
+                # Defer rather than lose: the lease would expire anyway, this is sooner.
+                outcome = Outcome(RecipientStatus.DEFERRED, "4.3.0 Internal error in relay")
+                await self._record(claims, {c.recipient_id: outcome for c in claims})
+            finally:
+                for c in claims:
+                    self._inflight.discard(c.recipient_id)
+
+    async def _attempt(self, rcpt_domain: str, claims: list[Claim]) -> None:
+        outcomes: dict[int, Outcome] = {}
+        try:
+            targets = await self.resolver.targets(rcpt_domain)
+        except DNSPermanent as exc:
+            o = Outcome(RecipientStatus.BOUNCED, f"550 {exc.enhanced} {exc}", None, code=550)
+            await self._record(claims, {c.recipient_id: o for c in claims})
+            return
+        except DNSTemporary as exc:
+            o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
+            await self._record(claims, {c.recipient_id: o for c in claims})
+            return
+        by_message: dict[str, list[Claim]] = defaultdict(list)
+        for c in claims:
+            by_message[c.message_id].append(c)
+        envelopes: list[Envelope] = []
+        for message_id, group in by_message.items():
+            prepared = await self._prepare(message_id)
+            envelopes.append(
+                Envelope(
+                    message_id,
+                    prepared.mail_from,
+                    [(c.recipient_id, c.address) for c in group],
+                    prepared.data,
+                )
+            )
+        await self.session.deliver(targets, envelopes)
+        for env in envelopes:
+            outcomes.update(env.outcomes)
+        await self._record(claims, outcomes)
+
+    async def _record(self, claims: list[Claim], outcomes: dict[int, Outcome]) -> None:
+        now = self.clock()
+        updates: list[OutcomeUpdate] = []
+        for c in claims:
+            o = outcomes.get(c.recipient_id) or Outcome(
+                RecipientStatus.DEFERRED, "4.3.0 No outcome recorded"
+            )
+            next_due = None
+            if o.status is RecipientStatus.DEFERRED:
+                delay = next_delay(c.attempts + 1, self.cfg.retry_first, self.cfg.retry_max)
+                if is_expired(c.created_at, now, delay, self.cfg.max_age):
+                    o = Outcome(
+                        RecipientStatus.EXPIRED,
+                        f"{o.reply} (gave up after {int(self.cfg.max_age)} s, max_age)",
+                        o.mx,
+                        o.tls,
+                        o.code,
+                    )
+                else:
+                    next_due = now + delay
+            updates.append(OutcomeUpdate(c.recipient_id, o, next_due))
+        for attempt in range(20):
+            try:
+                await self.store.record_outcomes(self.owner, updates)
+                return
+            except StoreUnavailable as exc:
+                # Keep the outcome and retry: the lease is renewed meanwhile, and if we die
+                # the rows are retried by another worker (at-least-once, never lost).
+                log.warning("recording outcomes failed (try %d): %s", attempt + 1, exc)
+                await asyncio.sleep(min(5.0, 0.5 * (attempt + 1)))
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let in-flight attempts finish within ``grace`` seconds."""
+        self._stopping = True
+        self.wake()
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        # Anything still leased by us goes back to the queue now, not after lease expiry.
+        if self._inflight:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release_leases(self.owner, sorted(self._inflight))
+
+
+def _header_from_domain(body: bytes) -> str:
+    import email.utils
+
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[:end]
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line[:5].lower() == b"from:":
+            value = line[5:]
+            for cont in lines[i + 1 :]:
+                if cont[:1] in (b" ", b"\t"):
+                    value += cont
+                else:
+                    break
+            addrs = email.utils.getaddresses([value.decode("utf-8", "replace")])
+            if addrs and "@" in addrs[0][1]:
+                return addrs[0][1].rpartition("@")[2].lower()
+            return ""
+    return ""

@@ -1,0 +1,180 @@
+"""The accept step: normalise a submitted message and store it in one transaction.
+
+Nothing is acknowledged before it is durable: the SMTP layer answers 250 only after
+``Intake.accept`` returns, which is after COMMIT.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.utils
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from relay.queue.store import NewMessage, NewRecipient, Store
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Sortable by acceptance time (ms, hex) then random: unique across nodes."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:011X}{secrets.token_hex(5).upper()}"
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Every bare CR or LF becomes CRLF (RFC 5321 §2.3.8 allows only CRLF).
+
+    This is also what defeats SMTP smuggling downstream: after it, a bare-LF "\\n.\\n"
+    inside the body is an ordinary line holding a dot, which the client dot-stuffs.
+    """
+    return _EOL.sub(b"\r\n", data)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessage:
+    """The normalised bytes and the header facts policy and storage need."""
+
+    data: bytes
+    header_from: str
+    from_address: str
+    subject: str
+    subject_ok: bool
+    message_id: str
+    has_date: bool
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "from": self.header_from,
+            "from_address": self.from_address,
+            "subject": self.subject,
+            "subject_ok": "1" if self.subject_ok else "",
+            "message-id": self.message_id,
+        }
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    idx = data.find(b"\r\n\r\n")
+    if idx < 0:
+        return data, b""
+    return data[: idx + 2], data[idx + 4 :]
+
+
+def decode_subject(raw: str) -> tuple[str, bool]:
+    """Decode RFC 2047 encoded-words; False when the result is not valid text."""
+    try:
+        text = str(make_header(decode_header(raw)))
+    except (UnicodeDecodeError, LookupError, ValueError, email.errors.HeaderParseError):
+        return raw, False
+    if "\ufffd" in text or any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return text, False
+    return text.replace("\r\n", "").replace("\n", ""), True
+
+
+def parse(data: bytes) -> ParsedMessage:
+    data = normalize_line_endings(data)
+    head, _ = _split(data)
+    msg = _HEADER_PARSER.parsebytes(head + b"\r\n")
+    raw_from = str(msg.get("From", "") or "")
+    addrs = email.utils.getaddresses([raw_from]) if raw_from else []
+    from_address = addrs[0][1] if addrs and "@" in addrs[0][1] else ""
+    raw_subject = msg.get("Subject", "")
+    subject_ok = True
+    subject = ""
+    if raw_subject is not None:
+        raw = str(raw_subject)
+        if "\udcff" in raw or any(0xDC80 <= ord(c) <= 0xDCFF for c in raw):
+            # compat32 turns undecodable bytes into surrogates: not valid UTF-8.
+            subject, subject_ok = raw.encode("utf-8", "replace").decode(), False
+        else:
+            subject, subject_ok = decode_subject(raw)
+    return ParsedMessage(
+        data=data,
+        header_from=raw_from,
+        from_address=from_address,
+        subject=subject,
+        subject_ok=subject_ok,
+        message_id=str(msg.get("Message-ID", "") or "").strip(),
+        has_date=msg.get("Date") is not None,
+    )
+
+
+class Intake:
+    def __init__(self, store: Store, hostname: str, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.hostname = hostname
+        self.clock = clock
+
+    def finalize(
+        self,
+        parsed: ParsedMessage,
+        queue_id: str,
+        received: str,
+    ) -> tuple[bytes, str]:
+        """Add Received, and Message-ID/Date when missing (RFC 5321 §4.4, RFC 6409 §8)."""
+        extra: list[bytes] = [received.encode("utf-8", "replace")]
+        message_id = parsed.message_id
+        if not message_id:
+            message_id = f"<{queue_id}@{self.hostname}>"
+            extra.append(f"Message-ID: {message_id}".encode())
+        if not parsed.has_date:
+            extra.append(f"Date: {email.utils.formatdate(self.clock(), localtime=False)}".encode())
+        return b"\r\n".join(extra) + b"\r\n" + parsed.data, message_id
+
+    def received_header(
+        self, *, helo: str, client_ip: str, protocol: str, queue_id: str, rcpt: str | None
+    ) -> str:
+        helo_clean = re.sub(r"[^A-Za-z0-9.\-\[\]:_]", "", helo)[:255] or "unknown"
+        line = (
+            f"Received: from {helo_clean} ([{client_ip}])\r\n\tby {self.hostname} (relay)"
+            f" with {protocol} id {queue_id}"
+        )
+        if rcpt:
+            line += f"\r\n\tfor <{rcpt}>"
+        return line + f"; {email.utils.formatdate(self.clock(), localtime=False)}"
+
+    async def accept(
+        self,
+        *,
+        account_id: int,
+        mail_from: str,
+        recipients: list[NewRecipient],
+        parsed: ParsedMessage,
+        helo: str,
+        client_ip: str,
+        protocol: str,
+        queue_id: str | None = None,
+    ) -> str:
+        qid = queue_id or new_queue_id(self.clock())
+        received = self.received_header(
+            helo=helo,
+            client_ip=client_ip,
+            protocol=protocol,
+            queue_id=qid,
+            rcpt=recipients[0].address if len(recipients) == 1 else None,
+        )
+        body, message_id = self.finalize(parsed, qid, received)
+        await self.store.accept(
+            NewMessage(
+                id=qid,
+                account_id=account_id,
+                mail_from=mail_from,
+                body=body,
+                recipients=tuple(recipients),
+                header_from=parsed.header_from[:512],
+                subject=parsed.subject[:2000],
+                message_id_header=message_id[:998],
+                client=client_ip,
+            )
+        )
+        return qid

@@ -1,0 +1,858 @@
+"""The store: every SQL statement relay runs lives here (and in dialect.py).
+
+One ``Store`` per process wraps an async SQLAlchemy engine. Each public method is one
+transaction. Writers on SQLite take the write lock up front (BEGIN IMMEDIATE, see
+dialect.py); on PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so any number of nodes
+share one queue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from relay.config import DatabaseConfig
+from relay.errors import Conflict, NotFound, NotMigrated, StoreUnavailable
+from relay.model import (
+    CLAIMABLE_STATUSES,
+    Account,
+    AccountStatus,
+    Claim,
+    Domain,
+    DomainStatus,
+    EventKind,
+    Outcome,
+    RecipientStatus,
+)
+from relay.queue import dialect
+from relay.queue.tables import (
+    SCHEMA_VERSION,
+    account,
+    counter,
+    domain,
+    event,
+    message,
+    metadata,
+    recipient,
+    schema_meta,
+)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str
+    status: RecipientStatus = RecipientStatus.QUEUED
+    due_at: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """Everything the accept transaction writes."""
+
+    id: str
+    account_id: int
+    mail_from: str
+    body: bytes
+    recipients: tuple[NewRecipient, ...]
+    header_from: str = ""
+    subject: str = ""
+    message_id_header: str = ""
+    client: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeUpdate:
+    """The result of one attempt for one leased recipient."""
+
+    recipient_id: int
+    outcome: Outcome
+    next_due: float | None = None  # for deferred
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientView:
+    id: int
+    message_id: str
+    address: str
+    status: RecipientStatus
+    attempts: int
+    due_at: float
+    last_reply: str | None
+    last_mx: str | None
+    last_tls: bool | None
+    lease_owner: str | None
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    id: int
+    at: float
+    kind: str
+    account_id: int | None
+    message_id: str | None
+    recipient: str | None
+    data: dict[str, Any]
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    id: str
+    account_id: int
+    mail_from: str
+    header_from: str
+    subject: str
+    message_id_header: str
+    size: int
+    client: str
+    node_id: str
+    created_at: float
+    recipients: tuple[RecipientView, ...] = ()
+    events: tuple[EventView, ...] = field(default=())
+
+
+_TRANSIENT = (OperationalError, SAInterfaceError, OSError, ConnectionError)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, node_id: str = "", clock: Clock = time.time) -> None:
+        self.engine = engine
+        self.node_id = node_id
+        self.clock = clock
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def open(cls, db: DatabaseConfig, node_id: str = "", clock: Clock = time.time) -> Store:
+        kwargs: dict[str, Any] = {}
+        if db.is_sqlite:
+            kwargs["connect_args"] = {"timeout": db.statement_timeout}
+        else:
+            kwargs["pool_size"] = db.pool_size
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {
+                "timeout": 10,
+                "command_timeout": db.statement_timeout,
+                "server_settings": {
+                    "statement_timeout": str(int(db.statement_timeout * 1000)),
+                },
+            }
+        engine = create_async_engine(db.url, **kwargs)
+        if db.is_sqlite:
+            dialect.configure_sqlite(engine)
+        return cls(engine, node_id=node_id, clock=clock)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ transactions
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                conn = await conn.execution_options(readonly=True)
+                async with conn.begin():
+                    yield conn
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    # ------------------------------------------------------------------ schema
+
+    async def migrate(self) -> int:
+        """Create missing tables and record the schema version. Idempotent."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            found = (
+                await conn.execute(
+                    sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")
+                )
+            ).scalar()
+            if found is None:
+                await conn.execute(
+                    schema_meta.insert().values(key="version", value=str(SCHEMA_VERSION))
+                )
+            else:
+                await conn.execute(
+                    schema_meta.update()
+                    .where(schema_meta.c.key == "version")
+                    .values(value=str(SCHEMA_VERSION))
+                )
+        return SCHEMA_VERSION
+
+    async def check_schema(self) -> None:
+        """Raise NotMigrated unless the database is at SCHEMA_VERSION."""
+        try:
+            async with self._read() as conn:
+                found = (
+                    await conn.execute(
+                        sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")
+                    )
+                ).scalar()
+        except (StoreUnavailable, sa.exc.ProgrammingError, sa.exc.DBAPIError) as exc:
+            if isinstance(exc, StoreUnavailable) and "no such table" not in str(exc.__cause__):
+                raise
+            raise NotMigrated() from exc
+        if found != str(SCHEMA_VERSION):
+            raise NotMigrated(
+                f"database schema is at version {found}, this relay needs {SCHEMA_VERSION}:"
+                " run `relay migrate`"
+            )
+
+    async def ping(self) -> bool:
+        try:
+            async with self._read() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except StoreUnavailable:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ accounts
+
+    @staticmethod
+    def _account(row: Any) -> Account:
+        return Account(
+            id=row.id,
+            name=row.name,
+            status=AccountStatus(row.status),
+            settings=json.loads(row.settings or "{}"),
+        )
+
+    async def add_account(self, name: str, password_hash: str) -> Account:
+        try:
+            async with self._write() as conn:
+                res = await conn.execute(
+                    account.insert()
+                    .values(name=name, password_hash=password_hash, created_at=self.clock())
+                    .returning(account.c.id)
+                )
+                account_id = res.scalar_one()
+        except IntegrityError as exc:
+            raise Conflict(f"account {name!r} exists already") from exc
+        return Account(id=account_id, name=name, status=AccountStatus.ACTIVE)
+
+    async def account_credentials(self, name: str) -> tuple[Account, str] | None:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(account).where(account.c.name == name))).first()
+        if row is None:
+            return None
+        return self._account(row), row.password_hash
+
+    async def get_account(self, name: str) -> Account:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(account).where(account.c.name == name))).first()
+        if row is None:
+            raise NotFound(f"no account named {name!r}")
+        return self._account(row)
+
+    async def get_account_by_id(self, account_id: int) -> Account:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(account).where(account.c.id == account_id))).first()
+        if row is None:
+            raise NotFound(f"no account with id {account_id}")
+        return self._account(row)
+
+    async def list_accounts(self) -> list[Account]:
+        async with self._read() as conn:
+            rows = (await conn.execute(sa.select(account).order_by(account.c.name))).all()
+        return [self._account(r) for r in rows]
+
+    async def set_password(self, name: str, password_hash: str) -> None:
+        async with self._write() as conn:
+            res = await conn.execute(
+                account.update().where(account.c.name == name).values(password_hash=password_hash)
+            )
+        if res.rowcount == 0:
+            raise NotFound(f"no account named {name!r}")
+
+    # ------------------------------------------------------------------ domains
+
+    @staticmethod
+    def _domain(row: Any) -> Domain:
+        return Domain(
+            id=row.id,
+            name=row.name,
+            account_id=row.account_id,
+            status=DomainStatus(row.status),
+            dkim_selector=row.dkim_selector,
+            dkim_private_key=row.dkim_private_key,
+            dkim_algorithm=row.dkim_algorithm,
+            warmup=bool(row.warmup),
+        )
+
+    async def add_domain(
+        self,
+        name: str,
+        account_id: int,
+        selector: str,
+        private_key_pem: str,
+        *,
+        verified: bool = False,
+        warmup: bool = True,
+        algorithm: str = "rsa-sha256",
+    ) -> Domain:
+        now = self.clock()
+        status = DomainStatus.VERIFIED if verified else DomainStatus.PENDING
+        try:
+            async with self._write() as conn:
+                res = await conn.execute(
+                    domain.insert()
+                    .values(
+                        name=name,
+                        account_id=account_id,
+                        status=status.value,
+                        dkim_selector=selector,
+                        dkim_private_key=private_key_pem,
+                        dkim_algorithm=algorithm,
+                        warmup=warmup,
+                        created_at=now,
+                        verified_at=now if verified else None,
+                    )
+                    .returning(domain.c.id)
+                )
+                domain_id = res.scalar_one()
+        except IntegrityError as exc:
+            raise Conflict(f"domain {name!r} exists already") from exc
+        return Domain(
+            id=domain_id,
+            name=name,
+            account_id=account_id,
+            status=status,
+            dkim_selector=selector,
+            dkim_private_key=private_key_pem,
+            dkim_algorithm=algorithm,
+            warmup=warmup,
+        )
+
+    async def get_domain(self, name: str) -> Domain | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(sa.select(domain).where(domain.c.name == name.lower()))
+            ).first()
+        return None if row is None else self._domain(row)
+
+    async def list_domains(self) -> list[tuple[Domain, str, float | None]]:
+        """Every domain with its account name and last check time."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(domain, account.c.name.label("account_name"))
+                    .join(account, account.c.id == domain.c.account_id)
+                    .order_by(domain.c.name)
+                )
+            ).all()
+        return [(self._domain(r), r.account_name, r.last_check_at) for r in rows]
+
+    async def set_domain_status(self, name: str, status: DomainStatus) -> None:
+        now = self.clock()
+        values: dict[str, Any] = {"status": status.value, "last_check_at": now}
+        if status is DomainStatus.VERIFIED:
+            values["verified_at"] = now
+        async with self._write() as conn:
+            res = await conn.execute(domain.update().where(domain.c.name == name).values(values))
+        if res.rowcount == 0:
+            raise NotFound(f"no domain named {name!r}")
+
+    # ------------------------------------------------------------------ accept
+
+    async def accept(self, msg: NewMessage) -> None:
+        """The accept transaction: message, one row per recipient, events, all or nothing."""
+        now = self.clock()
+        async with self._write() as conn:
+            await conn.execute(
+                message.insert().values(
+                    id=msg.id,
+                    account_id=msg.account_id,
+                    mail_from=msg.mail_from,
+                    header_from=msg.header_from,
+                    subject=msg.subject,
+                    message_id_header=msg.message_id_header,
+                    size=len(msg.body),
+                    body=msg.body,
+                    client=msg.client,
+                    node_id=self.node_id,
+                    created_at=now,
+                )
+            )
+            await conn.execute(
+                recipient.insert(),
+                [
+                    {
+                        "message_id": msg.id,
+                        "address": r.address,
+                        "rcpt_domain": r.address.rpartition("@")[2].lower(),
+                        "status": r.status.value,
+                        "due_at": now if r.due_at is None else r.due_at,
+                        "reason": r.reason,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for r in msg.recipients
+                ],
+            )
+            events = []
+            for r in msg.recipients:
+                events.append(
+                    self._event_row(
+                        EventKind.ACCEPTED,
+                        now,
+                        msg.account_id,
+                        msg.id,
+                        r.address,
+                        {"size": len(msg.body), "mail_from": msg.mail_from},
+                    )
+                )
+                if r.status is RecipientStatus.HELD:
+                    events.append(
+                        self._event_row(
+                            EventKind.HELD,
+                            now,
+                            msg.account_id,
+                            msg.id,
+                            r.address,
+                            {"reason": r.reason, "until": r.due_at},
+                        )
+                    )
+            await conn.execute(event.insert(), events)
+
+    # ------------------------------------------------------------------ events
+
+    def _event_row(
+        self,
+        kind: EventKind,
+        at: float,
+        account_id: int | None,
+        message_id: str | None,
+        rcpt: str | None,
+        data: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "at": at,
+            "kind": kind.value,
+            "account_id": account_id,
+            "message_id": message_id,
+            "recipient": rcpt,
+            "data": json.dumps(data, sort_keys=True),
+            "node_id": self.node_id,
+        }
+
+    async def add_event(
+        self,
+        kind: EventKind,
+        *,
+        account_id: int | None = None,
+        message_id: str | None = None,
+        rcpt: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                event.insert().values(
+                    self._event_row(kind, self.clock(), account_id, message_id, rcpt, data or {})
+                )
+            )
+
+    async def events_for(self, message_id: str) -> list[EventView]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(event).where(event.c.message_id == message_id).order_by(event.c.id)
+                )
+            ).all()
+        return [_event_view(r) for r in rows]
+
+    # ------------------------------------------------------------------ claims
+
+    async def claim_due(self, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
+        """Lease up to ``limit`` due recipients to ``owner``.
+
+        A row is due when it is queued/deferred and its time has come, or when it is
+        ``sending`` and its lease has run out (its worker died): that is crash recovery.
+        """
+        now = self.clock()
+        async with self._write() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        recipient.c.id,
+                        recipient.c.message_id,
+                        recipient.c.address,
+                        recipient.c.rcpt_domain,
+                        recipient.c.attempts,
+                    )
+                    .where(
+                        recipient.c.status.in_([s.value for s in CLAIMABLE_STATUSES]),
+                        recipient.c.due_at <= now,
+                    )
+                    .order_by(recipient.c.due_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            await conn.execute(
+                recipient.update()
+                .where(recipient.c.id.in_(ids))
+                .values(
+                    status=RecipientStatus.SENDING.value,
+                    lease_owner=owner,
+                    due_at=now + lease_seconds,
+                    updated_at=now,
+                )
+            )
+            msg_ids = sorted({r.message_id for r in rows})
+            msgs = {
+                m.id: m
+                for m in (
+                    await conn.execute(
+                        sa.select(
+                            message.c.id,
+                            message.c.account_id,
+                            message.c.mail_from,
+                            message.c.created_at,
+                        ).where(message.c.id.in_(msg_ids))
+                    )
+                ).all()
+            }
+        return [
+            Claim(
+                recipient_id=r.id,
+                message_id=r.message_id,
+                account_id=msgs[r.message_id].account_id,
+                mail_from=msgs[r.message_id].mail_from,
+                address=r.address,
+                rcpt_domain=r.rcpt_domain,
+                attempts=r.attempts,
+                created_at=msgs[r.message_id].created_at,
+            )
+            for r in rows
+        ]
+
+    async def renew_leases(self, owner: str, ids: Sequence[int], lease_seconds: float) -> int:
+        if not ids:
+            return 0
+        now = self.clock()
+        async with self._write() as conn:
+            res = await conn.execute(
+                recipient.update()
+                .where(
+                    recipient.c.id.in_(list(ids)),
+                    recipient.c.lease_owner == owner,
+                    recipient.c.status == RecipientStatus.SENDING.value,
+                )
+                .values(due_at=now + lease_seconds)
+            )
+        return int(res.rowcount)
+
+    async def release_leases(self, owner: str, ids: Sequence[int]) -> None:
+        """Give rows back untouched (graceful shutdown before an attempt started)."""
+        if not ids:
+            return
+        now = self.clock()
+        async with self._write() as conn:
+            await conn.execute(
+                recipient.update()
+                .where(
+                    recipient.c.id.in_(list(ids)),
+                    recipient.c.lease_owner == owner,
+                    recipient.c.status == RecipientStatus.SENDING.value,
+                )
+                .values(status=RecipientStatus.QUEUED.value, due_at=now, lease_owner=None)
+            )
+
+    async def message_for_delivery(self, message_id: str) -> tuple[bytes, str, int]:
+        """(body, mail_from, account_id) of a message."""
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(message.c.body, message.c.mail_from, message.c.account_id).where(
+                        message.c.id == message_id
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no message {message_id}")
+        return bytes(row.body), row.mail_from, row.account_id
+
+    async def record_outcomes(self, owner: str, updates: Iterable[OutcomeUpdate]) -> int:
+        """Write attempt results and their events; rows whose lease we lost are skipped."""
+        now = self.clock()
+        written = 0
+        async with self._write() as conn:
+            for u in updates:
+                o = u.outcome
+                values: dict[str, Any] = {
+                    "status": o.status.value,
+                    "attempts": recipient.c.attempts + 1,
+                    "last_reply": o.reply,
+                    "last_mx": o.mx,
+                    "last_tls": o.tls,
+                    "updated_at": now,
+                    "lease_owner": None,
+                }
+                if u.next_due is not None:
+                    values["due_at"] = u.next_due
+                res = await conn.execute(
+                    recipient.update()
+                    .where(
+                        recipient.c.id == u.recipient_id,
+                        recipient.c.lease_owner == owner,
+                        recipient.c.status == RecipientStatus.SENDING.value,
+                    )
+                    .values(values)
+                    .returning(recipient.c.message_id, recipient.c.address, recipient.c.attempts)
+                )
+                row = res.first()
+                if row is None:
+                    continue
+                written += 1
+                acct = (
+                    await conn.execute(
+                        sa.select(message.c.account_id).where(message.c.id == row.message_id)
+                    )
+                ).scalar()
+                kind = {
+                    RecipientStatus.DELIVERED: EventKind.DELIVERED,
+                    RecipientStatus.DEFERRED: EventKind.DEFERRED,
+                    RecipientStatus.BOUNCED: EventKind.BOUNCED,
+                    RecipientStatus.EXPIRED: EventKind.EXPIRED,
+                }.get(o.status, EventKind.DEFERRED)
+                data: dict[str, Any] = {
+                    "reply": o.reply,
+                    "mx": o.mx,
+                    "tls": o.tls,
+                    "code": o.code,
+                    "attempt": row.attempts,
+                }
+                if u.next_due is not None and o.status is RecipientStatus.DEFERRED:
+                    data["next_attempt"] = u.next_due
+                await conn.execute(
+                    event.insert().values(
+                        self._event_row(kind, now, acct, row.message_id, row.address, data)
+                    )
+                )
+        return written
+
+    # ------------------------------------------------------------------ inspection
+
+    async def queue_list(
+        self, status: RecipientStatus | None = None, limit: int = 100
+    ) -> list[RecipientView]:
+        q = sa.select(recipient).order_by(recipient.c.due_at).limit(limit)
+        if status is not None:
+            q = q.where(recipient.c.status == status.value)
+        else:
+            q = q.where(recipient.c.status.notin_([s.value for s in _FINAL]))
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_recipient_view(r) for r in rows]
+
+    async def queue_counts(self) -> dict[str, int]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(recipient.c.status, sa.func.count()).group_by(recipient.c.status)
+                )
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def oldest_due(self) -> float | None:
+        """created_at of the oldest recipient not yet final (for the queue-age gauge)."""
+        async with self._read() as conn:
+            oldest: float | None = (
+                await conn.execute(
+                    sa.select(sa.func.min(recipient.c.created_at)).where(
+                        recipient.c.status.in_(
+                            [s.value for s in (*CLAIMABLE_STATUSES, RecipientStatus.HELD)]
+                        )
+                    )
+                )
+            ).scalar()
+        return oldest
+
+    async def message_view(self, message_id: str) -> MessageView:
+        async with self._read() as conn:
+            m = (
+                await conn.execute(
+                    sa.select(message).where(
+                        sa.or_(
+                            message.c.id == message_id,
+                            message.c.message_id_header == message_id,
+                            message.c.message_id_header == f"<{message_id.strip('<>')}>",
+                        )
+                    )
+                )
+            ).first()
+            if m is None:
+                raise NotFound(f"no message {message_id}")
+            rcpts = (
+                await conn.execute(
+                    sa.select(recipient)
+                    .where(recipient.c.message_id == m.id)
+                    .order_by(recipient.c.id)
+                )
+            ).all()
+            evs = (
+                await conn.execute(
+                    sa.select(event).where(event.c.message_id == m.id).order_by(event.c.id)
+                )
+            ).all()
+        return MessageView(
+            id=m.id,
+            account_id=m.account_id,
+            mail_from=m.mail_from,
+            header_from=m.header_from,
+            subject=m.subject,
+            message_id_header=m.message_id_header,
+            size=m.size,
+            client=m.client,
+            node_id=m.node_id,
+            created_at=m.created_at,
+            recipients=tuple(_recipient_view(r) for r in rcpts),
+            events=tuple(_event_view(e) for e in evs),
+        )
+
+    async def retry_now(self, message_id: str) -> int:
+        """Make every waiting recipient of a message due now."""
+        now = self.clock()
+        async with self._write() as conn:
+            res = await conn.execute(
+                recipient.update()
+                .where(
+                    recipient.c.message_id == message_id,
+                    recipient.c.status.in_(
+                        [
+                            RecipientStatus.QUEUED.value,
+                            RecipientStatus.DEFERRED.value,
+                            RecipientStatus.HELD.value,
+                        ]
+                    ),
+                )
+                .values(due_at=now, updated_at=now)
+            )
+        return int(res.rowcount)
+
+    async def delete_message(self, message_id: str) -> int:
+        """Drop every recipient not yet final; an event records each."""
+        now = self.clock()
+        async with self._write() as conn:
+            m = (
+                await conn.execute(
+                    sa.select(message.c.account_id).where(message.c.id == message_id)
+                )
+            ).first()
+            if m is None:
+                raise NotFound(f"no message {message_id}")
+            rows = (
+                await conn.execute(
+                    recipient.update()
+                    .where(
+                        recipient.c.message_id == message_id,
+                        recipient.c.status.notin_([s.value for s in _FINAL]),
+                    )
+                    .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
+                    .returning(recipient.c.address)
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    event.insert(),
+                    [
+                        self._event_row(
+                            EventKind.DELETED, now, m.account_id, message_id, r.address, {}
+                        )
+                        for r in rows
+                    ],
+                )
+        return len(rows)
+
+    # ------------------------------------------------------------------ counters
+
+    async def incr_counter(self, key: str, window: float, amount: int, expires_at: float) -> int:
+        """Atomically add ``amount`` to (key, window) and return the new value."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                dialect.counter_upsert(self.dialect, key, window, amount, expires_at)
+            )
+            return int(res.scalar_one())
+
+    async def counter_sum(self, key: str, since: float) -> int:
+        async with self._read() as conn:
+            value = (
+                await conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
+                        counter.c.key == key, counter.c.window_start >= since
+                    )
+                )
+            ).scalar()
+        return int(value or 0)
+
+    async def prune_counters(self) -> int:
+        async with self._write() as conn:
+            res = await conn.execute(counter.delete().where(counter.c.expires_at < self.clock()))
+        return int(res.rowcount)
+
+
+_FINAL = (
+    RecipientStatus.DELIVERED,
+    RecipientStatus.BOUNCED,
+    RecipientStatus.EXPIRED,
+    RecipientStatus.DELETED,
+)
+
+
+def _recipient_view(r: Any) -> RecipientView:
+    return RecipientView(
+        id=r.id,
+        message_id=r.message_id,
+        address=r.address,
+        status=RecipientStatus(r.status),
+        attempts=r.attempts,
+        due_at=r.due_at,
+        last_reply=r.last_reply,
+        last_mx=r.last_mx,
+        last_tls=r.last_tls,
+        lease_owner=r.lease_owner,
+        reason=r.reason,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def _event_view(r: Any) -> EventView:
+    return EventView(
+        id=r.id,
+        at=r.at,
+        kind=r.kind,
+        account_id=r.account_id,
+        message_id=r.message_id,
+        recipient=r.recipient,
+        data=json.loads(r.data or "{}"),
+        node_id=r.node_id,
+    )

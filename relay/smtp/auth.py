@@ -1,0 +1,71 @@
+"""SMTP AUTH decisions: credentials against the store, and failure throttling per IP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+from relay.config import SMTPConfig
+from relay.model import Account
+from relay.passwords import DUMMY_HASH, verify_password
+from relay.queue.store import Store
+
+log = logging.getLogger("relay.auth")
+
+# Failures are counted in one-minute buckets and summed over the configured window, so the
+# window slides in one-minute steps and every node sharing the database sees the same count.
+_BUCKET = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDecision:
+    account: Account | None
+    reply: str  # the SMTP reply to send
+
+    @property
+    def ok(self) -> bool:
+        return self.account is not None
+
+
+class Authenticator:
+    def __init__(self, store: Store, cfg: SMTPConfig) -> None:
+        self.store = store
+        self.cfg = cfg
+
+    def _key(self, ip: str) -> str:
+        return f"authfail:{ip}"
+
+    async def throttled(self, ip: str) -> float:
+        """Seconds until ``ip`` may try again (0 when it may now)."""
+        if self.cfg.auth_fail_limit <= 0:
+            return 0.0
+        now = self.store.clock()
+        failures = await self.store.counter_sum(self._key(ip), now - self.cfg.auth_fail_window)
+        if failures < self.cfg.auth_fail_limit:
+            return 0.0
+        return float(max(_BUCKET, math.ceil(self.cfg.auth_fail_window / 2)))
+
+    async def verify(self, login: str, password: str, ip: str) -> AuthDecision:
+        wait = await self.throttled(ip)
+        if wait:
+            return AuthDecision(
+                None,
+                f"454 4.7.0 Too many failed authentications from {ip}"
+                f" (limit {self.cfg.auth_fail_limit} in {int(self.cfg.auth_fail_window)} s);"
+                f" try again in {int(wait)} s",
+            )
+        found = await self.store.account_credentials(login)
+        stored = found[1] if found else DUMMY_HASH
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if found is None or not ok:
+            now = self.store.clock()
+            window = now - now % _BUCKET
+            await self.store.incr_counter(
+                self._key(ip), window, 1, window + self.cfg.auth_fail_window + _BUCKET
+            )
+            log.info("auth failed client=%s user=%s", ip, login[:64])
+            return AuthDecision(None, "535 5.7.8 Authentication credentials invalid")
+        # A suspended account still authenticates; its refusal comes at MAIL with the reason.
+        return AuthDecision(found[0], "235 2.7.0 Authentication successful")
