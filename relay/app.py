@@ -18,6 +18,7 @@ import uuid
 from relay.config import Config
 from relay.delivery.mx import MXResolver
 from relay.delivery.worker import DeliveryWorker
+from relay.http.server import HTTPContext, HTTPServer
 from relay.intake import Intake
 from relay.policy.checks import MaxRecipients, RequireAuth, SenderDomain
 from relay.policy.engine import Check, Policy
@@ -51,6 +52,15 @@ class RelayApp:
         self.worker: DeliveryWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
+
+    def readiness(self) -> dict[str, bool]:
+        """Facts /readyz reports besides the database."""
+        return {
+            "listeners": bool(self.listeners)
+            and all(li.server.is_serving() for li in self.listeners),
+            "delivery": self.worker is not None and self.worker.running,
+        }
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -75,6 +85,7 @@ class RelayApp:
             )
 
         self.listeners = await start_listeners(cfg, tls, handler_for, self.limiter)
+        await self.http.start()
         log.info("relay started node=%s owner=%s", cfg.node_id, self.owner)
 
     def request_stop(self) -> None:
@@ -111,5 +122,6 @@ class RelayApp:
             self._worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker_task
+        await self.http.stop()
         await self.store.close()
         log.info("relay stopped")
