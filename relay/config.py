@@ -189,6 +189,8 @@ def _convert(path: str, value: object, default: object, problems: _Problems) -> 
             return float(value)
         problems.add(path, f"expected a number of seconds >= 0, got {value!r}")
     elif isinstance(default, str):
+        if value is None:
+            return default  # null means "the default" (hostname, FQDN, ...)
         if isinstance(value, str) and value:
             return value
         problems.add(path, f"expected a non-empty string, got {value!r}")
