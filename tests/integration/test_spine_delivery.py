@@ -1,0 +1,105 @@
+"""The spine end to end: submit over 587/465 -> relay -> MX found via DNS, with DKIM."""
+
+from __future__ import annotations
+
+import dkim
+import dns.resolver
+import pytest
+
+from tests.support.dnsserver import DNSServer
+from tests.support.relayproc import RelayProcess, make_message, queue_id, submit
+from tests.support.sink import SMTPSink
+
+
+def dkim_verifies(data: bytes, dns_server: DNSServer) -> bool:
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = dns_server.port
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        except Exception:
+            return b""
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    return bool(dkim.verify(data, dnsfunc=dnsfunc))
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["587-starttls", "465-implicit"])
+async def test_submitted_message_arrives_once_signed_with_received_header(
+    relay: RelayProcess, sink: SMTPSink, dns_server: DNSServer, implicit_tls: bool
+) -> None:
+    relay.setup()
+    relay.start()
+    port = relay.smtps_port if implicit_tls else relay.submission_port
+    msg = make_message("a@example.com", ["b@example.org"], subject="spine")
+    result = await submit(
+        port,
+        sender="a@example.com",
+        recipients=["b@example.org"],
+        data=msg,
+        implicit_tls=implicit_tls,
+    )
+    assert result[0] == {}
+    assert queue_id(result)
+    got = sink.wait_for(1)
+    assert len(got) == 1
+    m = got[0]
+    assert m.tls, "delivery should use STARTTLS when the MX offers it"
+    assert m.rcpt_tos == ("b@example.org",)
+    assert m.mail_from == "a@example.com"
+    assert m.header("Received") and "relay.test" in (m.header("Received") or "")
+    assert m.header("DKIM-Signature") and "d=example.com" in (m.header("DKIM-Signature") or "")
+    assert dkim_verifies(m.data, dns_server)
+
+
+async def test_message_id_and_date_are_added_when_missing(
+    relay: RelayProcess, sink: SMTPSink
+) -> None:
+    relay.setup()
+    relay.start()
+    msg = make_message("a@example.com", ["b@example.org"], message_id=False, date=False)
+    result = await submit(
+        relay.submission_port, sender="a@example.com", recipients=["b@example.org"], data=msg
+    )
+    qid = queue_id(result)
+    m = sink.wait_for(1)[0]
+    assert m.header("Message-ID") == f"<{qid}@relay.test>"
+    assert m.header("Date")
+
+
+async def test_recipients_at_one_domain_share_one_transaction(
+    relay: RelayProcess, sink: SMTPSink
+) -> None:
+    relay.setup()
+    relay.start()
+    rcpts = ["b@example.org", "c@example.org", "d@example.org"]
+    msg = make_message("a@example.com", rcpts)
+    await submit(relay.submission_port, sender="a@example.com", recipients=rcpts, data=msg)
+    got = sink.wait_for(1)
+    assert sorted(got[0].rcpt_tos) == rcpts
+
+
+async def test_status_reports_delivered_with_mx_and_tls(
+    relay: RelayProcess, sink: SMTPSink
+) -> None:
+    relay.setup()
+    relay.start()
+    msg = make_message("a@example.com", ["b@example.org"])
+    result = await submit(
+        relay.submission_port, sender="a@example.com", recipients=["b@example.org"], data=msg
+    )
+    qid = queue_id(result)
+    assert qid
+    sink.wait_for(1)
+    out = ""
+    for _ in range(50):
+        out = relay.cli("status", qid).stdout
+        if "delivered" in out.split("events:")[0]:
+            break
+        import time
+
+        time.sleep(0.2)
+    assert "b@example.org" in out and "delivered" in out
+    assert "mx.example.org" in out and "tls=True" in out

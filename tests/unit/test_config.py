@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_config, parse_hostport
+from relay.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "relay.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "config.example.yaml")
+    assert cfg.delivery.port == 25
+    assert cfg.smtp.max_message_size == 4 * 1024 * 1024
+
+
+def test_bad_values_are_reported_with_their_key_path(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        'delivery:\n  port: not-a-port\n  routes: {"example.org": "x:y"}\nlisten:\n  smtp: 25\n',
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    text = str(exc.value)
+    assert "delivery.port" in text
+    assert 'delivery.routes."example.org": expected host:port' in text
+    assert "listen.smtp" in text
+
+
+def test_unknown_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "delivery:\n  prot: 25\n"))
+    assert "delivery.prot: unknown key" in str(exc.value)
+
+
+def test_null_listener_is_off_and_nameserver_port_defaults_to_53(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, 'listen: {smtps: null}\ndns: {nameservers: ["127.0.0.1:5353", "::1"]}\n')
+    )
+    assert cfg.listen.smtps is None
+    assert [(n.host, n.port) for n in cfg.dns.nameservers] == [("127.0.0.1", 5353), ("::1", 53)]
+
+
+def test_database_url_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_DATABASE_URL", "postgresql+asyncpg://u@h/db")
+    assert load_config(write(tmp_path, "{}\n")).database.url == "postgresql+asyncpg://u@h/db"
+
+
+def test_hostport_forms() -> None:
+    assert parse_hostport("[::1]:25").port == 25
+    with pytest.raises(ValueError):
+        parse_hostport("host:0")

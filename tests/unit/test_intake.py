@@ -1,0 +1,48 @@
+from relay.intake import Intake, new_queue_id, normalize_line_endings, parse
+
+
+def test_every_bare_cr_or_lf_becomes_crlf() -> None:
+    assert normalize_line_endings(b"a\nb\rc\r\nd\n.\ne") == b"a\r\nb\r\nc\r\nd\r\n.\r\ne"
+
+
+def test_parse_finds_from_subject_and_message_id() -> None:
+    p = parse(b"From: Alice <a@example.com>\r\nSubject: hi\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n")
+    assert p.from_address == "a@example.com"
+    assert p.subject == "hi" and p.subject_ok
+    assert p.message_id == "<x@y>"
+    assert not p.has_date
+
+
+def test_rfc2047_subject_is_decoded() -> None:
+    p = parse(b"From: a@example.com\r\nSubject: =?utf-8?b?w6ljaGVj?=\r\n\r\nx\r\n")
+    assert p.subject == "échec" and p.subject_ok
+
+
+def test_invalid_utf8_subject_is_flagged() -> None:
+    p = parse(b"From: a@example.com\r\nSubject: bad \xff\xfe\r\n\r\nx\r\n")
+    assert not p.subject_ok
+
+
+def test_missing_message_id_and_date_are_added_with_the_queue_id() -> None:
+    intake = Intake(store=None, hostname="relay.test", clock=lambda: 0.0)  # type: ignore[arg-type]
+    parsed = parse(b"From: a@example.com\r\n\r\nbody\r\n")
+    data, mid = intake.finalize(parsed, "QID1", "Received: from x")
+    assert mid == "<QID1@relay.test>"
+    head = data.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"Received: from x\r\n")
+    assert b"Message-ID: <QID1@relay.test>" in head
+    assert b"Date: Thu, 01 Jan 1970" in head
+
+
+def test_queue_ids_sort_by_time_and_are_unique() -> None:
+    a, b = new_queue_id(1000.0), new_queue_id(2000.0)
+    assert a < b and len(a) == len(b) == 21
+    assert len({new_queue_id(5.0) for _ in range(1000)}) == 1000
+
+
+def test_received_header_strips_hostile_helo() -> None:
+    intake = Intake(store=None, hostname="relay.test", clock=lambda: 0.0)  # type: ignore[arg-type]
+    line = intake.received_header(
+        helo="evil\r\nBcc: x@y", client_ip="127.0.0.1", protocol="ESMTPSA", queue_id="Q", rcpt=None
+    )
+    assert "\r\nBcc" not in line and "from evilBcc:xy " in line
