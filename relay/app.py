@@ -15,18 +15,38 @@ import signal
 import time
 import uuid
 
+from relay import reload as _reload
+from relay import systemd
 from relay.config import Config
 from relay.delivery.mx import MXResolver
+from relay.delivery.render import Renderer as ReputationRenderer
+from relay.delivery.scheduler import HeldScheduler
 from relay.delivery.worker import DeliveryWorker
+from relay.events.emit import RefusalRecorder
+from relay.events.tracking import OpenTracker
+from relay.events.tracking import base_url as tracking_base_url
+from relay.events.webhooks import WebhookDispatcher
+from relay.domains.recheck import Rechecker
+from relay.health import database_file_ok
+from relay.http.metrics import MetricsServer
 from relay.http.server import HTTPContext, HTTPServer
 from relay.intake import Intake
-from relay.policy.checks import MaxRecipients, RequireAuth, SenderDomain
+from relay.policy.checks import MaxRecipients, SenderDomain
 from relay.policy.engine import Check, Policy
+from relay.policy.limits import Limits, RateLimit, limit_checks
+from relay.policy.reputation_checks import (
+    AccountSuspended,
+    Blocklisted,
+    RequireAuthOrInbound,
+    Suppressed,
+)
 from relay.queue.store import Store
+from relay.reputation.service import Reputation
 from relay.smtp.auth import Authenticator
 from relay.smtp.handler import SMTPHandler
 from relay.smtp.listener import Listener, server_tls_context, start_listeners
 from relay.smtp.protocol import ConnectionLimiter
+from relay.smtp.trusted import TrustedNetworks
 
 log = logging.getLogger("relay")
 
@@ -34,9 +54,15 @@ log = logging.getLogger("relay")
 def build_checks(cfg: Config, store: Store) -> list[Check]:
     """The ordered policy checks; the first refusal wins."""
     return [
-        RequireAuth(),
+        RequireAuthOrInbound(Reputation(cfg, store)),
+        AccountSuspended(store),
         MaxRecipients(cfg.smtp.max_recipients),
+        Blocklisted(store),
+        Suppressed(store),
         SenderDomain(store),
+        *limit_checks(Limits(cfg.limits, store)),
+        # RateLimit takes tokens: keep it the last DATA check, after every refusal.
+        RateLimit(Limits(cfg.limits, store)),
     ]
 
 
@@ -51,8 +77,14 @@ class RelayApp:
         self.listeners: list[Listener] = []
         self.worker: DeliveryWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.metrics_server: MetricsServer | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
+        self.reputation = Reputation(cfg, self.store)
+        self.http.ctx.extras["reputation"] = self.reputation
 
     def readiness(self) -> dict[str, bool]:
         """Facts /readyz reports besides the database."""
@@ -60,19 +92,49 @@ class RelayApp:
             "listeners": bool(self.listeners)
             and all(li.server.is_serving() for li in self.listeners),
             "delivery": self.worker is not None and self.worker.running,
+            "database_file": database_file_ok(self.cfg.database),
         }
 
     async def start(self) -> None:
         cfg = self.cfg
         await self.store.check_schema()
         assert cfg.tls.cert and cfg.tls.key, "serve() fills in tls before start()"
-        tls = server_tls_context(cfg.tls.cert, cfg.tls.key)
-        policy = Policy(build_checks(cfg, self.store))
+        self.tls = tls = server_tls_context(cfg.tls.cert, cfg.tls.key)
+        self.policy = policy = Policy(build_checks(cfg, self.store))
         intake = Intake(self.store, cfg.hostname)
-        auth = Authenticator(self.store, cfg.smtp)
-        resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
-        self.worker = DeliveryWorker(self.store, cfg.delivery, resolver, self.owner)
+        intake.planner = limits = Limits(cfg.limits, self.store)
+        self.auth = auth = Authenticator(self.store, cfg.smtp)
+        self.resolver = resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
+        self.worker = DeliveryWorker(
+            self.store,
+            cfg.delivery,
+            resolver,
+            self.owner,
+            reputation=ReputationRenderer(
+                cfg,
+                self.store,
+                self.reputation.secret,
+                self.reputation.bounce_domain,
+                self.reputation.public_url,
+            ),
+            after_outcomes=self.reputation.after_outcomes,
+            render=OpenTracker(self.store, cfg.tracking, tracking_base_url(cfg)).render,
+        )
         self._worker_task = asyncio.create_task(self.worker.run())
+        # Webhooks: own task, own concurrency and timeouts; never holds a delivery slot.
+        self.webhooks = WebhookDispatcher(self.store, cfg.webhooks, self.owner)
+        self._webhooks_task = asyncio.create_task(self.webhooks.run())
+        self.refusals = RefusalRecorder(self.store)
+        self.scheduler = HeldScheduler(limits, cfg.limits.scheduler_interval, self.worker.wake)
+        self._scheduler_task = asyncio.create_task(self.scheduler.run())
+        self.rechecker = Rechecker(self.store, cfg)
+        self._recheck_task = asyncio.create_task(self.rechecker.run())
+
+        trusted = (
+            TrustedNetworks(self.store, cfg.listen.trusted_networks)
+            if cfg.listen.trusted_networks
+            else None
+        )
 
         def handler_for(name: str) -> SMTPHandler:
             assert self.worker is not None
@@ -82,11 +144,28 @@ class RelayApp:
                 intake=intake,
                 authenticator=auth,
                 on_accept=self.worker.wake,
+                on_refusal=self.refusals,
+                inbound=self.reputation.process_inbound,
+                trusted=trusted,
             )
 
         self.listeners = await start_listeners(cfg, tls, handler_for, self.limiter)
         await self.http.start()
+        if cfg.metrics.listen is not None:
+            self.metrics_server = MetricsServer(cfg.metrics.listen, self.store)
+            await self.metrics_server.start()
+        systemd.ready(f"serving {len(self.listeners)} SMTP listeners")
         log.info("relay started node=%s owner=%s", cfg.node_id, self.owner)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read config and certificates (relay/reload.py); one at a time."""
+        async with self._reload_lock:
+            return await _reload.reload(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -95,6 +174,7 @@ class RelayApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.start()
         await self._stop.wait()
         await self.stop()
@@ -102,6 +182,7 @@ class RelayApp:
 
     async def stop(self) -> None:
         grace = self.cfg.shutdown.grace_seconds
+        systemd.stopping("draining")
         log.info("relay stopping: closing listeners, grace %.0f s", grace)
         for listener in self.listeners:
             listener.server.close()
@@ -116,12 +197,28 @@ class RelayApp:
             await asyncio.sleep(0.05)
         for session in list(self.limiter.sessions):
             session.shutdown()
+        if getattr(self, "_scheduler_task", None) is not None:
+            self.scheduler.stop()
+            await self._scheduler_task
         if self.worker is not None:
             await self.worker.stop(max(0.0, deadline - time.monotonic()))
+        if self._recheck_task is not None:
+            self.rechecker.stop()
+            self._recheck_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck_task
         if self._worker_task is not None:
             self._worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker_task
+        if getattr(self, "webhooks", None) is not None:
+            await self.refusals.drain()
+            await self.webhooks.stop()
+            self._webhooks_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._webhooks_task
         await self.http.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         await self.store.close()
         log.info("relay stopped")

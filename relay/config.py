@@ -53,6 +53,9 @@ class ListenConfig:
     submission: HostPort | None = HostPort("127.0.0.1", 587)
     smtps: HostPort | None = HostPort("127.0.0.1", 465)
     smtp: HostPort | None = None
+    # CIDR -> account name: clients on these networks send as that account without AUTH,
+    # on every listener (like Postfix mynetworks); see relay/smtp/trusted.py.
+    trusted_networks: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,140 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainsConfig:
+    """Sender domains: the DNS records relay asks for and how it checks them."""
+
+    # SPF: ``include:<spf_include>`` when set, else ``ip4:``/``ip6:`` of outbound_ips, else
+    # ``a:<hostname>`` (the host relay sends from when nothing else is known).
+    spf_include: str | None = None
+    outbound_ips: tuple[str, ...] = ()
+    # MX target for bounces; None means the relay's ``hostname``.
+    bounce_host: str | None = None
+    # Records that must pass for a domain to be verified; the others are recommended.
+    required: tuple[str, ...] = ("dkim", "spf", "mx")
+    # 6 h: how often verified and failed domains are re-checked by the server.
+    recheck_interval: float = 6 * 3600.0
+    # 10: the seeds' number of sender domains per account (account setting max_domains wins).
+    max_domains_per_account: int = 10
+    # rsa (2048-bit, dkim.key_bits) | ed25519 (RFC 8463) | both (dual signing)
+    dkim_algorithm: str = "rsa"
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationConfig:
+    """Blocklist, unsubscribe, bounce/complaint processing and automatic suspension."""
+
+    # 14 days: the seeds' blocklist period (they also mention 180; configurable).
+    blocklist_days: float = 14.0
+    # The seeds: sending stops "when 8% of your emails are blocklisted"; 0.1% complaints
+    # is the Gmail/Yahoo bulk-sender ceiling.
+    bounce_threshold: float = 0.08
+    complaint_threshold: float = 0.001
+    window_seconds: float = 24 * 3600.0
+    # Rates over fewer recipients than this say nothing: no suspension below it.
+    min_sample: int = 100
+    # Domain of the VERP envelope sender bounce+TOKEN@...; None: the relay's hostname.
+    bounce_domain: str | None = None
+    # Base URL of the unsubscribe link; None: http.public_url, else http://<http.listen>.
+    public_url: str | None = None
+    # HMAC key of unsubscribe/VERP tokens (env RELAY_SECRET); None: one is generated and
+    # kept in the database so every node and restart agree.
+    secret: str | None = None
+    list_unsubscribe: bool = True
+    verp: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # A dedicated address for GET /metrics (it is on http.listen too); null = none.
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """Outgoing webhook delivery (relay/events/webhooks.py)."""
+
+    # 24 h: how long an event POST is retried on timeouts and non-2xx before it is dropped.
+    retry_for: float = 24 * 3600.0
+    timeout: float = 10.0
+    # POSTs in flight at once, over all receivers: a slow receiver holds at most this many.
+    concurrency: int = 10
+    retry_first: float = 10.0
+    retry_max: float = 3600.0
+    poll_interval: float = 0.5
+    lease_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class APIConfig:
+    """The HTTP API (relay/http/api.py)."""
+
+    # Bearer key for admin endpoints (env RELAY_ADMIN_KEY); None: admin routes are off.
+    admin_key: str | None = None
+    # Request bodies above this get 413 with code request_too_large.
+    max_body: int = 64 * 1024
+    page_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    """Open tracking: a 1x1 pixel in HTML parts (accounts may turn it off)."""
+
+    enabled: bool = True
+    # Base URL of the pixel; None: http.public_url, else http://<http.listen>.
+    public_url: str | None = None
+    # Opens this soon after delivery are prefetchers/scanners, not people.
+    bot_window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupStep:
+    """One row of the warm-up table: days first..last, budgets interpolated inside."""
+
+    first_day: int
+    last_day: int
+    daily_from: int
+    daily_to: int
+    hourly_from: int | None
+    hourly_to: int | None
+
+
+# The seeds' "Email warm-up (vital)" table; after day 30 the daily budget doubles.
+DEFAULT_WARMUP: tuple[WarmupStep, ...] = (
+    WarmupStep(1, 1, 1000, 1000, 200, 200),
+    WarmupStep(2, 2, 1500, 1500, 200, 200),
+    WarmupStep(3, 3, 2000, 2000, 400, 400),
+    WarmupStep(4, 4, 3000, 3000, 400, 400),
+    WarmupStep(5, 5, 4500, 4500, 500, 500),
+    WarmupStep(6, 10, 6000, 8000, 500, 1000),
+    WarmupStep(11, 15, 8000, 10000, 800, 2000),
+    WarmupStep(16, 20, 10000, 15000, 1000, 3000),
+    WarmupStep(21, 30, 15000, 25000, 3000, 5000),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Sending limits (issue 4); every number is the seeds' default, overridable per
+    account (and per domain for warm-up) with `relay limits set`."""
+
+    max_subject: int = 998  # RFC 5322 §2.1.1 line limit; the seeds' subject limit
+    rate: int = 20  # recipients per second per account (seeds)
+    daily: int = 500  # recipients per rolling 24 h for a new account (seeds)
+    levels: tuple[int, ...] = (500, 2000, 10000, 50000, 300000)
+    hard_ceiling: int = 300000  # seeds' FailedOperation.ExceedSendLimit
+    level_window_days: int = 7
+    level_min_usage: float = 0.8
+    level_max_bounce_rate: float = 0.05
+    level_max_complaint_rate: float = 0.001
+    per_recipient_hourly: int = 10  # seeds: max sends to the same address per hour
+    queue_over_quota: bool = False
+    timezone: str = "UTC"
+    warmup: tuple[WarmupStep, ...] = DEFAULT_WARMUP
+    scheduler_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node_id: str = field(default_factory=socket.gethostname)
     hostname: str = field(default_factory=socket.getfqdn)
@@ -132,6 +269,13 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     path: str | None = None
 
 
@@ -202,8 +346,16 @@ _HOSTPORT_FIELDS = {
     "listen.smtps",
     "listen.smtp",
     "http.listen",
+    "metrics.listen",
 }
 _OPTIONAL_STR_FIELDS = {"tls.cert", "tls.key", "http.public_url"}
+_OPTIONAL_STR_FIELDS |= {"api.admin_key", "tracking.public_url"}
+_OPTIONAL_STR_FIELDS |= {"domains.spf_include", "domains.bounce_host"}
+_OPTIONAL_STR_FIELDS |= {
+    "reputation.bounce_domain",
+    "reputation.public_url",
+    "reputation.secret",
+}
 
 
 def _build(cls: type[Any], data: object, path: str, problems: _Problems) -> Any:
@@ -242,6 +394,14 @@ def _build(cls: type[Any], data: object, path: str, problems: _Problems) -> Any:
             kwargs[f.name] = _nameservers(where, value, problems)
         elif where == "delivery.routes":
             kwargs[f.name] = _routes(where, value, problems)
+        elif where == "listen.trusted_networks":
+            kwargs[f.name] = _trusted_networks(where, value, problems)
+        elif where in ("domains.outbound_ips", "domains.required"):
+            kwargs[f.name] = _domains_list(where, value, problems)
+        elif where == "limits.levels":
+            kwargs[f.name] = _levels(where, value, problems)
+        elif where == "limits.warmup":
+            kwargs[f.name] = _warmup(where, value, problems)
         elif dataclasses.is_dataclass(default):
             kwargs[f.name] = _build(type(default), value, where, problems)
         else:
@@ -279,6 +439,111 @@ def _routes(path: str, value: object, problems: _Problems) -> dict[str, HostPort
     return out
 
 
+def _trusted_networks(path: str, value: object, problems: _Problems) -> dict[str, str]:
+    import ipaddress
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping of network (CIDR) to account, got {value!r}")
+        return {}
+    out: dict[str, str] = {}
+    for cidr, account_name in value.items():
+        try:
+            net = ipaddress.ip_network(str(cidr).strip(), strict=False)
+        except ValueError:
+            problems.add(f'{path}."{cidr}"', f"expected a network like 127.0.0.0/8, got {cidr!r}")
+            continue
+        if not isinstance(account_name, str) or not account_name:
+            problems.add(f'{path}."{cidr}"', f"expected an account name, got {account_name!r}")
+            continue
+        out[str(net)] = account_name
+    return out
+
+
+_DOMAIN_RECORDS = ("dkim", "spf", "mx", "dmarc")
+
+
+def _domains_list(path: str, value: object, problems: _Problems) -> tuple[str, ...]:
+    import ipaddress
+
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.add(path, f"expected a list of strings, got {value!r}")
+        return ()
+    out = []
+    for i, item in enumerate(value):
+        if path == "domains.required":
+            if item.lower() not in _DOMAIN_RECORDS:
+                problems.add(f"{path}[{i}]", f"expected one of {_DOMAIN_RECORDS}, got {item!r}")
+            out.append(item.lower())
+            continue
+        try:
+            out.append(str(ipaddress.ip_address(item.strip())))
+        except ValueError:
+            problems.add(f"{path}[{i}]", f"expected an IPv4 or IPv6 address, got {item!r}")
+    return tuple(out)
+
+
+def _levels(path: str, value: object, problems: _Problems) -> tuple[int, ...]:
+    ok = isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value)
+    if not ok or not isinstance(value, list) or value != sorted(value):
+        problems.add(path, f"expected an increasing list of daily quotas, got {value!r}")
+        return LimitsConfig().levels
+    return tuple(value)
+
+
+def _range(text: object) -> tuple[int, int] | None:
+    """``1000`` or ``"6000-8000"`` -> (lo, hi); None when not that shape."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text, text
+    if isinstance(text, str):
+        lo, _, hi = text.replace(",", "").replace("–", "-").partition("-")
+        if lo.strip().isdigit() and (not hi or hi.strip().isdigit()):
+            return int(lo), int(hi or lo)
+    return None
+
+
+def _warmup(path: str, value: object, problems: _Problems) -> tuple[WarmupStep, ...]:
+    """A list of {days: "6-10", daily: "6000-8000", hourly: "500-1000"}; [] turns it off."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.add(path, f"expected a list of {{days, daily, hourly}} rows, got {value!r}")
+        return DEFAULT_WARMUP
+    steps: list[WarmupStep] = []
+    expected_day = 1
+    for i, row in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(row, dict) or set(row) - {"days", "daily", "hourly"}:
+            problems.add(where, f"expected {{days, daily, hourly}}, got {row!r}")
+            continue
+        days, daily = _range(row.get("days")), _range(row.get("daily"))
+        hourly = None if row.get("hourly") is None else _range(row.get("hourly"))
+        if days is None or days[0] != expected_day or days[1] < days[0]:
+            problems.add(f"{where}.days", f"expected day {expected_day} or a range from it")
+            continue
+        if daily is None:
+            problems.add(f"{where}.daily", f"expected a number or LO-HI, got {row.get('daily')!r}")
+            continue
+        if row.get("hourly") is not None and hourly is None:
+            problems.add(f"{where}.hourly", f"expected a number or LO-HI, got {row['hourly']!r}")
+            continue
+        steps.append(
+            WarmupStep(
+                days[0],
+                days[1],
+                daily[0],
+                daily[1],
+                None if hourly is None else hourly[0],
+                None if hourly is None else hourly[1],
+            )
+        )
+        expected_day = days[1] + 1
+    return tuple(steps)
+
+
 def _validate(cfg: Config, problems: _Problems) -> None:
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
         problems.add("log.level", f"expected debug, info, warning or error, got {cfg.log.level!r}")
@@ -297,10 +562,59 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.lease_seconds", "must be >= 5 seconds")
     if cfg.delivery.concurrency < 1:
         problems.add("delivery.concurrency", "must be >= 1")
+    if cfg.webhooks.concurrency < 1:
+        problems.add("webhooks.concurrency", "must be >= 1")
+    if cfg.webhooks.timeout <= 0:
+        problems.add("webhooks.timeout", "must be > 0")
+    if cfg.webhooks.retry_first <= 0:
+        problems.add("webhooks.retry_first", "must be > 0")
+    if cfg.webhooks.lease_seconds <= cfg.webhooks.timeout:
+        # A POST still running when its lease ends would be sent twice.
+        problems.add("webhooks.lease_seconds", "must be longer than webhooks.timeout")
+    if cfg.api.admin_key is not None and len(cfg.api.admin_key) < 16:
+        problems.add("api.admin_key", "must be at least 16 characters")
+    for key in ("bounce_threshold", "complaint_threshold"):
+        if not 0 < getattr(cfg.reputation, key) <= 1:
+            problems.add(f"reputation.{key}", "expected a fraction between 0 and 1 (0.08 = 8%)")
+    if cfg.domains.dkim_algorithm not in {"rsa", "ed25519", "both"}:
+        problems.add(
+            "domains.dkim_algorithm",
+            f"expected rsa, ed25519 or both, got {cfg.domains.dkim_algorithm!r}",
+        )
+    if cfg.domains.recheck_interval < 1:
+        problems.add("domains.recheck_interval", "must be >= 1 second")
+    _validate_limits(cfg.limits, problems)
+
+
+def _validate_limits(lim: LimitsConfig, problems: _Problems) -> None:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(lim.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.add("limits.timezone", f"expected an IANA time zone, got {lim.timezone!r}")
+    for key in ("level_min_usage", "level_max_bounce_rate", "level_max_complaint_rate"):
+        if not 0 <= getattr(lim, key) <= 1:
+            problems.add(f"limits.{key}", "expected a fraction between 0 and 1")
+    for key in ("rate", "daily", "hard_ceiling", "per_recipient_hourly", "max_subject"):
+        if getattr(lim, key) < 1:
+            problems.add(f"limits.{key}", "must be >= 1")
+    if lim.scheduler_interval <= 0:
+        problems.add("limits.scheduler_interval", "must be > 0")
 
 
 def _env_overrides(data: dict[str, Any]) -> None:
     """Secrets may come from the environment rather than the file."""
+    admin_key = os.environ.get("RELAY_ADMIN_KEY")
+    if admin_key:
+        data.setdefault("api", {})
+        if isinstance(data["api"], dict):
+            data["api"]["admin_key"] = admin_key
+    secret = os.environ.get("RELAY_SECRET")
+    if secret:
+        data.setdefault("reputation", {})
+        if isinstance(data["reputation"], dict):
+            data["reputation"]["secret"] = secret
     url = os.environ.get("RELAY_DATABASE_URL")
     if url:
         data.setdefault("database", {})

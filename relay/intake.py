@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import Protocol
 
-from relay.queue.store import NewMessage, NewRecipient, Store
+from relay.queue.store import CounterAdd, NewMessage, NewRecipient, Store
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
@@ -49,6 +50,8 @@ class ParsedMessage:
     subject_ok: bool
     message_id: str
     has_date: bool
+    # Octets of the longest line without CRLF (RFC 5322 §2.1.1: at most 998).
+    longest_line: int = 0
 
     @property
     def headers(self) -> dict[str, str]:
@@ -58,6 +61,7 @@ class ParsedMessage:
             "subject": self.subject,
             "subject_ok": "1" if self.subject_ok else "",
             "message-id": self.message_id,
+            "longest_line": str(self.longest_line),
         }
 
 
@@ -106,7 +110,17 @@ def parse(data: bytes) -> ParsedMessage:
         subject_ok=subject_ok,
         message_id=str(msg.get("Message-ID", "") or "").strip(),
         has_date=msg.get("Date") is not None,
+        longest_line=max(map(len, data.split(b"\r\n")), default=0),
     )
+
+
+class AcceptPlanner(Protocol):
+    """Decides, just before the accept transaction, which recipients are held (warm-up,
+    queue_over_quota) and which counters the transaction increments (relay/policy/limits.py)."""
+
+    async def plan(
+        self, account_id: int, mail_from: str, recipients: list[NewRecipient]
+    ) -> tuple[list[NewRecipient], tuple[CounterAdd, ...]]: ...
 
 
 class Intake:
@@ -114,6 +128,7 @@ class Intake:
         self.store = store
         self.hostname = hostname
         self.clock = clock
+        self.planner: AcceptPlanner | None = None
 
     def finalize(
         self,
@@ -164,6 +179,9 @@ class Intake:
             rcpt=recipients[0].address if len(recipients) == 1 else None,
         )
         body, message_id = self.finalize(parsed, qid, received)
+        counters: tuple[CounterAdd, ...] = ()
+        if self.planner is not None:
+            recipients, counters = await self.planner.plan(account_id, mail_from, recipients)
         await self.store.accept(
             NewMessage(
                 id=qid,
@@ -175,6 +193,7 @@ class Intake:
                 subject=parsed.subject[:2000],
                 message_id_header=message_id[:998],
                 client=client_ip,
+                counters=counters,
             )
         )
         return qid

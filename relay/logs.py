@@ -1,18 +1,60 @@
-"""Logging to stderr (journald picks it up): key=value lines by default, JSON on request."""
+"""Logging to stderr (journald picks it up): key=value lines by default, JSON on request.
+
+Log calls write ``key=value`` pairs in the message; the JSON formatter lifts them into
+fields, so one call site serves both formats. A last-line filter masks the value of any
+secret-looking key (password, token, secret, authorization) in case a call site ever
+passes one: a log line must never hold a password, a token or a message body.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_.]*)=('[^']*'|"[^"]*"|<[^>]*>|\S+)""")
+_SECRET = re.compile(
+    r"""(?i)\b((?:pass(?:word|wd)?|secret|token|api[_-]?key|authorization|auth_data)"""
+    r"""\s*[=:]\s*)('[^']*'|"[^"]*"|\S+)"""
+)
+
+
+def redact(text: str) -> str:
+    """Mask the values of secret-looking keys (``password=hunter2`` -> ``password=***``)."""
+    return _SECRET.sub(lambda m: m.group(1) + "***", text)
+
+
+def pairs(message: str) -> dict[str, str]:
+    """The key=value pairs of a message (quotes and <> around values removed)."""
+    out: dict[str, str] = {}
+    for key, value in _PAIR.findall(message):
+        quoted = value[:1] in ("'", '"') and value[-1:] == value[:1] and len(value) >= 2
+        if quoted or (value.startswith("<") and value.endswith(">")):
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+_node = ""
+
+
+def set_node(node_id: str) -> None:
+    """Name the node on every line: several nodes share one database and one log store."""
+    global _node
+    _node = node_id
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        msg = record.getMessage()
-        line = f"{ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} {msg}"
+        msg = redact(record.getMessage())
+        node = f" node={_node}" if _node else ""
+        line = f"{ts}.{int(record.msecs):03d}Z level={record.levelname.lower()}{node} {msg}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -20,15 +62,33 @@ class KeyValueFormatter(logging.Formatter):
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        msg = redact(record.getMessage())
+        out: dict[str, object] = {
             "ts": record.created,
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": msg,
         }
+        if _node:
+            out["node"] = _node
+        for key, value in pairs(msg).items():
+            out.setdefault(key, value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+def level_number(level: str) -> int:
+    return _LEVELS.get(level.lower(), logging.INFO)
+
+
+def set_level(level: str) -> None:
+    """Change the level live (SIGHUP reload)."""
+    logging.getLogger().setLevel(level_number(level))
+    # aiosmtpd logs every command line at INFO and AUTH exchanges at DEBUG (base64
+    # credentials): keep it at WARNING whatever relay's own level is; relay writes its
+    # own one line per transaction.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "info", fmt: str = "keyvalue") -> None:
@@ -36,7 +96,4 @@ def setup_logging(level: str = "info", fmt: str = "keyvalue") -> None:
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiosmtpd logs every command line at INFO (addresses, AUTH exchanges): keep it quiet;
-    # relay writes its own one line per transaction.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    set_level(level)

@@ -41,13 +41,17 @@ def with_store(fn: Callable[[Store, Config, argparse.Namespace], Awaitable[int]]
 
 def build_parser() -> argparse.ArgumentParser:
     from relay.cli import accounts, domains, queue, serve
+    from relay.cli import events as events_cli
 
     parser = argparse.ArgumentParser(prog="relay", description="Self-hosted email sending service")
     parser.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG)")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (serve, accounts, domains, queue):
+    from relay.cli import limits as limits_cli
+    from relay.cli import reputation as reputation_cli
+
+    for module in (serve, accounts, domains, queue, events_cli, limits_cli, reputation_cli):
         module.register(sub)
     return parser
 

@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--password-stdin", action="store_true")
     p.set_defaults(handler=with_store(cmd_passwd))
+    from relay.cli import reputation  # account show | resume
+
+    reputation.register_account(asub)
 
 
 def read_password(from_stdin: bool) -> str | None:

@@ -72,7 +72,9 @@ def print_message(m: MessageView) -> None:
     print("events:")
     for e in m.events:
         extra = e.data.get("reply") or e.data.get("reason") or ""
-        print(f"  {_t(e.at)} {e.kind:<10} {e.recipient or '':<32} {extra}")
+        # With several nodes on one database, which node did it is the first question.
+        node = f" [node {e.node_id}]" if e.node_id else ""
+        print(f"  {_t(e.at)} {e.kind:<10} {e.recipient or '':<32} {extra}{node}")
 
 
 async def cmd_show(store: Store, cfg: Config, args: argparse.Namespace) -> int:

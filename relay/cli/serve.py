@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import dataclasses
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from relay.certs import write_self_signed
 from relay.cli import fail, with_store
 from relay.config import Config, TLSConfig, load_config
 from relay.errors import ConfigError, NotMigrated
-from relay.logs import setup_logging
+from relay.logs import set_node, setup_logging
 from relay.passwords import generate_password, hash_password
 from relay.queue.store import Store
 
@@ -60,6 +61,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from relay.app import RelayApp
 
     setup_logging(cfg.log.level, cfg.log.format)
+    set_node(cfg.node_id)
     cfg = ensure_tls(cfg)
 
     async def go() -> int:
@@ -117,7 +119,7 @@ def cmd_init(cfg: Config | None, args: argparse.Namespace) -> int:
     data.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         # 587/465 need root or CAP_NET_BIND_SERVICE; a first run as a user gets 2587/2465.
-        privileged = hasattr(sys, "getuid") and __import__("os").getuid() == 0
+        privileged = os.getuid() == 0
         path.write_text(
             CONFIG_TEMPLATE.format(
                 hostname=socket.getfqdn(),

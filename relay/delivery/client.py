@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from relay import metrics
 from relay.delivery.mx import Target
 from relay.model import Outcome, RecipientStatus
 
@@ -99,6 +100,7 @@ class DestinationSession:
                             target.name,
                         )
                         continue
+                    metrics.delivery_connection(tls)  # metrics
                     return client, target.name, tls
                 except aiosmtplib.SMTPResponseException as exc:
                     last = Outcome(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dkim
 
+from relay.domains.keys import signing_key_bytes
 from relay.model import Domain
 
 # The headers RFC 6376 §5.4.1 recommends signing, plus the ones relay adds. Listing a
@@ -36,7 +37,7 @@ def sign(message: bytes, domain: Domain) -> bytes:
         message,
         domain.dkim_selector.encode(),
         domain.name.encode(),
-        domain.dkim_private_key.encode(),
+        signing_key_bytes(domain.dkim_private_key, domain.dkim_algorithm),
         include_headers=include,
         canonicalize=(b"relaxed", b"relaxed"),
         signature_algorithm=domain.dkim_algorithm.encode(),

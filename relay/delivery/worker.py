@@ -11,19 +11,26 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from relay import metrics
 from relay.config import DeliveryConfig
 from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
 from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
+from relay.delivery.render import Rendered
+from relay.delivery.render import Renderer as ReputationRenderer
 from relay.errors import StoreUnavailable
 from relay.model import Claim, Domain, Outcome, RecipientStatus
 from relay.queue.retry import is_expired, next_delay
 from relay.queue.store import OutcomeUpdate, Store
 
 log = logging.getLogger("relay.delivery")
+
+#: Per-recipient rendering before DKIM (open pixel: relay/events/tracking.py):
+#: (body, account id, claim) -> new body, or None when this message is not rendered.
+Renderer = Callable[[bytes, int, Claim], Awaitable[bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +47,17 @@ class DeliveryWorker:
         resolver: MXResolver,
         owner: str,
         clock: Callable[[], float] = time.time,
+        render: Renderer | None = None,
+        reputation: ReputationRenderer | None = None,
+        after_outcomes: Callable[[Sequence[Claim], dict[int, Outcome]], Awaitable[None]]
+        | None = None,
     ) -> None:
+        self.reputation = reputation
+        self.after_outcomes = after_outcomes
         self.store = store
         self.cfg = cfg
         self.resolver = resolver
+        self.render = render
         self.owner = owner
         self.clock = clock
         self.session = DestinationSession(
@@ -55,6 +69,7 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[int] = set()
         self._domains: dict[str, tuple[float, Domain | None]] = {}
+        self._extra_keys: dict[str, tuple[float, list[Domain]]] = {}
         self.running = False
 
     def wake(self, *_: object) -> None:
@@ -69,6 +84,11 @@ class DeliveryWorker:
                     claimed = await self._claim()
                 except StoreUnavailable as exc:
                     log.warning("claim failed, database unavailable: %s", exc)
+                    await self._sleep(min(5.0, self.cfg.poll_interval * 5))
+                    continue
+                except Exception:
+                    # Never let one bad claim end delivery on this node for good.
+                    log.exception("claim failed unexpectedly")
                     await self._sleep(min(5.0, self.cfg.poll_interval * 5))
                     continue
                 if not claimed:
@@ -124,8 +144,53 @@ class DeliveryWorker:
         self._domains[name] = (now + 30.0, d)
         return d
 
-    async def _prepare(self, message_id: str) -> Prepared:
+    async def _extra_signers(self, d: Domain) -> list[Domain]:
+        """Dual-signing keys of a domain (relay/queue/domains.py), cached like the domain."""
+        from relay.queue.domains import extra_signers
+
+        now = time.monotonic()
+        hit = self._extra_keys.get(d.name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        signers = await extra_signers(self.store, d)
+        self._extra_keys[d.name] = (now + 30.0, signers)
+        return signers
+
+    async def _prepare_group(
+        self, message_id: str, group: list[Claim]
+    ) -> list[tuple[list[Claim], Prepared]]:
+        """One envelope for the group, or one per recipient when rendering changes it."""
+        if self.render is None and self.reputation is None:
+            return [(group, await self._prepare(message_id))]
+        body, mail_from, account_id = await self.store.message_for_delivery(message_id)
+        rendered: list[bytes | None] = [None] * len(group)
+        if self.render is not None:
+            rendered = [await self.render(body, account_id, c) for c in group]
+        if self.reputation is None:
+            if all(r is None for r in rendered):
+                return [(group, await self._prepare(message_id))]
+            return [
+                ([c], await self._prepare(message_id, r))
+                for c, r in zip(group, rendered, strict=True)
+            ]
+        # List-Unsubscribe and VERP (relay/delivery/render.py) after the body renderers.
+        parts: list[Rendered] = []
+        if all(r is None for r in rendered):
+            parts = await self.reputation.render(body, mail_from, account_id, group)
+        else:
+            for c, r in zip(group, rendered, strict=True):
+                data = body if r is None else r
+                parts.extend(await self.reputation.render(data, mail_from, account_id, [c]))
+        return [
+            (list(p.claims), await self._prepare(message_id, p.data, p.mail_from)) for p in parts
+        ]
+
+    async def _prepare(
+        self, message_id: str, rendered: bytes | None = None, envelope_from: str | None = None
+    ) -> Prepared:
         body, mail_from, _account = await self.store.message_for_delivery(message_id)
+        if rendered is not None:
+            body = rendered
         dom = mail_from.rpartition("@")[2].lower()
         header_dom = _header_from_domain(body)
         signer = None
@@ -136,7 +201,9 @@ class DeliveryWorker:
                     break
         if signer is not None:
             body = await asyncio.to_thread(dkim.sign, body, signer)
-        return Prepared(body, mail_from)
+            for extra in await self._extra_signers(signer):
+                body = await asyncio.to_thread(dkim.sign, body, extra)
+        return Prepared(body, envelope_from or mail_from)
 
     async def _deliver_domain(self, rcpt_domain: str, claims: list[Claim]) -> None:
         async with self._slots:
@@ -156,10 +223,12 @@ class DeliveryWorker:
         try:
             targets = await self.resolver.targets(rcpt_domain)
         except DNSPermanent as exc:
+            metrics.dns_failure("permanent")  # metrics
             o = Outcome(RecipientStatus.BOUNCED, f"550 {exc.enhanced} {exc}", None, code=550)
             await self._record(claims, {c.recipient_id: o for c in claims})
             return
         except DNSTemporary as exc:
+            metrics.dns_failure("temporary")  # metrics
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
             await self._record(claims, {c.recipient_id: o for c in claims})
             return
@@ -168,15 +237,15 @@ class DeliveryWorker:
             by_message[c.message_id].append(c)
         envelopes: list[Envelope] = []
         for message_id, group in by_message.items():
-            prepared = await self._prepare(message_id)
-            envelopes.append(
-                Envelope(
-                    message_id,
-                    prepared.mail_from,
-                    [(c.recipient_id, c.address) for c in group],
-                    prepared.data,
+            for sub, prepared in await self._prepare_group(message_id, group):
+                envelopes.append(
+                    Envelope(
+                        message_id,
+                        prepared.mail_from,
+                        [(c.recipient_id, c.address) for c in sub],
+                        prepared.data,
+                    )
                 )
-            )
         await self.session.deliver(targets, envelopes)
         for env in envelopes:
             outcomes.update(env.outcomes)
@@ -202,16 +271,25 @@ class DeliveryWorker:
                     )
                 else:
                     next_due = now + delay
+            metrics.delivery_outcome(o, c.rcpt_domain, c.created_at, now)  # metrics
             updates.append(OutcomeUpdate(c.recipient_id, o, next_due))
         for attempt in range(20):
             try:
                 await self.store.record_outcomes(self.owner, updates)
-                return
+                break
             except StoreUnavailable as exc:
                 # Keep the outcome and retry: the lease is renewed meanwhile, and if we die
                 # the rows are retried by another worker (at-least-once, never lost).
                 log.warning("recording outcomes failed (try %d): %s", attempt + 1, exc)
                 await asyncio.sleep(min(5.0, 0.5 * (attempt + 1)))
+        else:
+            return
+        if self.after_outcomes is not None:
+            try:
+                await self.after_outcomes(claims, {u.recipient_id: u.outcome for u in updates})
+            except Exception:
+                # Bounce bookkeeping (blocklist, suspension) never blocks delivery.
+                log.exception("after-outcome processing failed")
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let in-flight attempts finish within ``grace`` seconds."""

@@ -46,3 +46,19 @@ def dkim_txt_value(private_pem: str) -> str:
     key = serialization.load_pem_private_key(private_pem.encode(), password=None)
     k = "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
     return f"v=DKIM1; k={k}; p={public_key_b64(private_pem)}"
+
+
+def signing_key_bytes(private_pem: str, algorithm: str) -> bytes:
+    """The private key as dkimpy's ``dkim.sign`` wants it: PEM for RSA, base64 of the raw
+    32-byte seed for Ed25519 (dkimpy hands it to PyNaCl's SigningKey)."""
+    if algorithm != "ed25519-sha256":
+        return private_pem.encode()
+    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return base64.b64encode(raw)
+    return private_pem.encode()

@@ -54,6 +54,15 @@ class SenderDomain:
                 f" add it with `relay domain add {dom} --account {account.name}`",
                 self.name,
             )
+        if d.status is DomainStatus.FAILED:
+            broken = await _broken_records(self.store, dom)
+            return Verdict(
+                550,
+                "5.7.1",
+                f"{what} domain {dom} of account {account.name} failed its DNS check:"
+                f" {broken}; fix it and run `relay domain verify {dom}`",
+                self.name,
+            )
         if d.status is not DomainStatus.VERIFIED:
             return Verdict(
                 550,
@@ -75,6 +84,20 @@ class SenderDomain:
         if not header_from:
             return Verdict(550, "5.6.0", "The message has no valid From: header", "no_from")
         return await self._verdict(header_from, "From: header", request)
+
+
+async def _broken_records(store: Store, name: str) -> str:
+    """The broken record(s) from the domain's last stored DNS check, in plain words."""
+    from relay.domains.service import broken_summary
+    from relay.domains.verify import DomainCheck
+    from relay.queue.domains import stored_checks
+
+    check = DomainCheck.from_json(name, await stored_checks(store, name))
+    summary = broken_summary(check) if check is not None else ""
+    # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets, code and CRLF included.
+    if len(summary) > 300:
+        summary = summary[:297] + "..."
+    return summary or "see `relay domain records " + name + "`"
 
 
 class MaxRecipients:

@@ -8,6 +8,7 @@ share one queue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -35,15 +36,12 @@ from relay.model import (
 )
 from relay.queue import dialect
 from relay.queue.tables import (
-    SCHEMA_VERSION,
     account,
     counter,
     domain,
     event,
     message,
-    metadata,
     recipient,
-    schema_meta,
 )
 
 Clock = Callable[[], float]
@@ -70,6 +68,27 @@ class NewMessage:
     subject: str = ""
     message_id_header: str = ""
     client: str = ""
+    # Counters incremented inside the accept transaction (rate windows, quotas, warm-up).
+    counters: tuple[CounterAdd, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CounterAdd:
+    """One counter increment; with ``limit``, the transaction fails (CounterLimitExceeded)
+    when the sum of ``key`` over windows >= ``since`` would pass it: a quota is checked
+    and counted atomically even with several processes on one database."""
+
+    key: str
+    window: float
+    amount: int
+    expires_at: float
+    limit: int | None = None
+    since: float = 0.0
+    limit_text: str = ""
+
+
+class CounterLimitExceeded(Exception):
+    """A limited counter increment would pass its limit; nothing was committed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +147,27 @@ class MessageView:
 
 _TRANSIENT = (OperationalError, SAInterfaceError, OSError, ConnectionError)
 
+# PostgreSQL SQLSTATEs that mean "not now" rather than "wrong": class 08 connection
+# exception, 53 insufficient resources (too many connections), 57P0x admin/crash
+# shutdown and "cannot connect now" (a server starting or stopping), 57014 statement
+# timeout, 40001/40P01 serialization failure and deadlock, 55P03 lock not available.
+# asyncpg reports most of them as a plain DBAPIError, which must not escape as a bug.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57P")
+_TRANSIENT_SQLSTATES = frozenset({"57014", "40001", "40P01", "55P03"})
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, _TRANSIENT):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = str(getattr(exc.orig, "sqlstate", None) or "")
+        return code in _TRANSIENT_SQLSTATES or code.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+    return False
+
 
 class Store:
     def __init__(self, engine: AsyncEngine, node_id: str = "", clock: Clock = time.time) -> None:
@@ -135,6 +175,12 @@ class Store:
         self.node_id = node_id
         self.clock = clock
         self.dialect = engine.dialect.name
+        # SQLite has one writer at a time; writers of this process queue on an asyncio
+        # lock (FIFO, no polling) instead of spinning in busy_timeout's sleep-and-retry,
+        # which under 50 concurrent sessions stretched an accept to seconds and tripped
+        # the policy check timeout. Other processes (CLI) still meet busy_timeout.
+        self._write_lock: asyncio.Lock | None = None
+        self._write_lock_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def open(cls, db: DatabaseConfig, node_id: str = "", clock: Clock = time.time) -> Store:
@@ -163,12 +209,24 @@ class Store:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
+        if self.dialect == "sqlite":
+            loop = asyncio.get_running_loop()
+            if self._write_lock is None or self._write_lock_loop is not loop:
+                self._write_lock, self._write_lock_loop = asyncio.Lock(), loop
+            async with self._write_lock, self._begin_write() as conn:
+                yield conn
+        else:
+            async with self._begin_write() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except IntegrityError:
-            raise
-        except _TRANSIENT as exc:
+        except Exception as exc:
+            if not _transient(exc):
+                raise
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
     @asynccontextmanager
@@ -178,50 +236,29 @@ class Store:
                 conn = await conn.execution_options(readonly=True)
                 async with conn.begin():
                     yield conn
-        except _TRANSIENT as exc:
+        except Exception as exc:
+            if not _transient(exc):
+                raise
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
     # ------------------------------------------------------------------ schema
 
-    async def migrate(self) -> int:
-        """Create missing tables and record the schema version. Idempotent."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-            found = (
-                await conn.execute(
-                    sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")
-                )
-            ).scalar()
-            if found is None:
-                await conn.execute(
-                    schema_meta.insert().values(key="version", value=str(SCHEMA_VERSION))
-                )
-            else:
-                await conn.execute(
-                    schema_meta.update()
-                    .where(schema_meta.c.key == "version")
-                    .values(value=str(SCHEMA_VERSION))
-                )
-        return SCHEMA_VERSION
+    async def migrate(self) -> str:
+        """Apply pending Alembic migrations (relay/migrations). Idempotent."""
+        from relay.queue import migrate
+
+        return ", ".join(await migrate.upgrade(self))
 
     async def check_schema(self) -> None:
-        """Raise NotMigrated unless the database is at SCHEMA_VERSION."""
+        """Raise NotMigrated unless the database is at this code's Alembic head."""
+        from relay.queue import migrate
+
         try:
-            async with self._read() as conn:
-                found = (
-                    await conn.execute(
-                        sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")
-                    )
-                ).scalar()
-        except (StoreUnavailable, sa.exc.ProgrammingError, sa.exc.DBAPIError) as exc:
-            if isinstance(exc, StoreUnavailable) and "no such table" not in str(exc.__cause__):
-                raise
-            raise NotMigrated() from exc
-        if found != str(SCHEMA_VERSION):
-            raise NotMigrated(
-                f"database schema is at version {found}, this relay needs {SCHEMA_VERSION}:"
-                " run `relay migrate`"
-            )
+            await migrate.check(self)
+        except StoreUnavailable as exc:
+            if "no such table" in str(exc.__cause__):
+                raise NotMigrated() from exc
+            raise
 
     async def ping(self) -> bool:
         try:
@@ -438,6 +475,20 @@ class Store:
                         )
                     )
             await conn.execute(event.insert(), events)
+            for c in msg.counters:
+                await conn.execute(
+                    dialect.counter_upsert(self.dialect, c.key, c.window, c.amount, c.expires_at)
+                )
+                if c.limit is not None:
+                    total = (
+                        await conn.execute(
+                            sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
+                                counter.c.key == c.key, counter.c.window_start >= c.since
+                            )
+                        )
+                    ).scalar()
+                    if int(total or 0) > c.limit:
+                        raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}")
 
     # ------------------------------------------------------------------ events
 

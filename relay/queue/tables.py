@@ -126,3 +126,192 @@ counter = sa.Table(
     sa.Column("value", sa.Integer, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
 )
+
+# domain_key: DKIM keys besides the one on the domain row (which is the key relay signs with).
+# status: pending (rotation: published under a new selector, not yet seen in DNS) -> on the
+# first passing check it swaps places with the domain row's key, which becomes retired.
+# extra (dual signing, e.g. Ed25519 beside RSA): signs too, verified like the main key.
+domain_key = sa.Table(
+    "domain_key",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("domain_id", BigId, sa.ForeignKey("domain.id"), nullable=False, index=True),
+    sa.Column("selector", sa.String(63), nullable=False),
+    sa.Column("algorithm", sa.String(32), nullable=False),
+    sa.Column("private_key", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("changed_at", sa.Float, nullable=False),
+)
+
+# webhook: an account-level (sender NULL: every event of the account) or sender-level
+# (only events of messages with that envelope sender) callback URL. events: comma list of
+# event kinds ("" = all). cursor: the highest event.id already fanned out to this webhook
+# (set to the newest event at creation, so a new webhook gets no history).
+webhook = sa.Table(
+    "webhook",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("account_id", BigId, sa.ForeignKey("account.id"), nullable=False, index=True),
+    sa.Column("sender", sa.String(512)),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("secret", sa.String(128), nullable=False),
+    sa.Column("events", sa.Text, nullable=False, server_default=""),
+    sa.Column("cursor", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# webhook_delivery: one row per (webhook, event) to POST; the attempt record.
+#   pending  due_at = when it may be tried (next retry after a failure)
+#   sending  leased by lease_owner until due_at; past it any node may claim it again
+#   done     the receiver answered 2xx
+#   failed   retry_for ran out (or the webhook was removed); last_error says why
+# A row is claimable only when no earlier event of the same message for the same webhook
+# is still pending/sending: that keeps per-message order.
+webhook_delivery = sa.Table(
+    "webhook_delivery",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("webhook_id", BigId, nullable=False),
+    sa.Column("event_id", BigId, nullable=False),
+    sa.Column("message_id", sa.String(32)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("due_at", sa.Float, nullable=False),
+    sa.Column("lease_owner", sa.String(255)),
+    sa.Column("last_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("webhook_id", "event_id", name="uq_webhook_delivery"),
+    sa.Index("ix_webhook_delivery_status_due", "status", "due_at"),
+    sa.Index("ix_webhook_delivery_message", "webhook_id", "message_id", "event_id"),
+)
+
+# api_key: bearer tokens for the HTTP API, one account each. Only the SHA-256 of the token
+# is stored (tokens are 256-bit random, so a fast hash is enough); prefix identifies a key
+# in listings without revealing it.
+api_key = sa.Table(
+    "api_key",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("account_id", BigId, sa.ForeignKey("account.id"), nullable=False, index=True),
+    sa.Column("prefix", sa.String(32), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_used_at", sa.Float),
+)
+
+# blocklist: recipients no account may send to (shared by all accounts, as in the seeds).
+# Added on a recipient-class hard bounce (5.1.x, 5.2.1, "user unknown") or by hand; a row
+# past expires_at is ignored and pruned. address is lower-case.
+blocklist = sa.Table(
+    "blocklist",
+    metadata,
+    sa.Column("address", sa.String(512), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # bounce | dsn | manual
+    sa.Column("account_id", BigId),
+    sa.Column("message_id", sa.String(32)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# suppression: (sender domain, address) pairs that may not be sent to any more: unsubscribe
+# (link, one-click POST, mailto), complaint (ARF) or by hand. Per sender domain, as in the
+# seeds: the address still receives from other domains. Both columns lower-case.
+suppression = sa.Table(
+    "suppression",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("address", sa.String(512), primary_key=True),
+    sa.Column("reason", sa.String(32), nullable=False),  # unsubscribe | complaint | manual
+    sa.Column("account_id", BigId),
+    sa.Column("message_id", sa.String(32)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_suppression_address", "address"),
+)
+
+# bounce_log: every hard bounce, synchronous or from a DSN, with its class (recipient |
+# reputation | other); the suspension window counts recipient-class rows per account.
+bounce_log = sa.Table(
+    "bounce_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("account_id", BigId),
+    sa.Column("message_id", sa.String(32)),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("bounce_class", sa.String(16), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # smtp | dsn
+    sa.Column("reply", sa.Text, nullable=False, server_default=""),
+    sa.Column("mx", sa.String(255)),
+    sa.Index("ix_bounce_log_account_at", "account_id", "at"),
+)
+
+# inbound_report: every mail accepted on port 25 for a bounce/unsubscribe address, kept
+# whole whether or not it parsed (kind: dsn | arf | unsubscribe | unparsed): never lost.
+inbound_report = sa.Table(
+    "inbound_report",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("mail_from", sa.String(512), nullable=False, server_default=""),
+    sa.Column("rcpt", sa.String(512), nullable=False, server_default=""),
+    sa.Column("summary", sa.Text, nullable=False, server_default=""),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+)
+
+# account_reputation: the suspension state beside account.status (active | suspended):
+# why and when it was suspended, and where the rate window restarts after a resume.
+account_reputation = sa.Table(
+    "account_reputation",
+    metadata,
+    sa.Column("account_id", BigId, sa.ForeignKey("account.id"), primary_key=True),
+    sa.Column("window_reset_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("suspended_at", sa.Float),
+    sa.Column("suspended_reason", sa.Text),
+)
+
+# limit_override: per-account and per-domain overrides of limits.* (scope: account | domain;
+# name: the account or domain name; key: e.g. daily, rate, queue_over_quota, warmup_daily).
+limit_override = sa.Table(
+    "limit_override",
+    metadata,
+    sa.Column("scope", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# limit_state: one float per key, updated read-modify-write inside one transaction;
+# rate:<account_id> holds the token bucket's theoretical arrival time (GCRA).
+limit_state = sa.Table(
+    "limit_state",
+    metadata,
+    sa.Column("key", sa.String(512), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+)
+
+# account_level: the reputation level of an account (index into limits.levels) and when it
+# was last evaluated (local date, limits.timezone) / last changed.
+account_level = sa.Table(
+    "account_level",
+    metadata,
+    sa.Column("account_id", BigId, sa.ForeignKey("account.id"), primary_key=True),
+    sa.Column("level", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Column("evaluated_day", sa.String(10), nullable=False, server_default=""),
+    sa.Column("why", sa.Text, nullable=False, server_default=""),
+)
+
+# warmup_start: day 1 of a sender domain's warm-up (its first sending day, local date).
+warmup_start = sa.Table(
+    "warmup_start",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("first_day", sa.String(10), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+)

@@ -7,17 +7,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from relay import metrics
 from relay.errors import StoreUnavailable
 from relay.intake import Intake, ParsedMessage, parse
 from relay.model import Account, Stage, Verdict
 from relay.policy.engine import Policy, Request
 from relay.queue.store import NewRecipient
 from relay.smtp.auth import AuthDecision, Authenticator
+from relay.smtp.trusted import TrustedNetworks
 
 log = logging.getLogger("relay.smtp")
+
+#: (account, stage, sender, recipient, verdict) -> None; must not block (it schedules).
+RefusalCallback = Callable[[Account, Stage, str | None, str | None, Verdict], None]
 
 STORE_DOWN = Verdict(451, "4.3.0", "Temporary failure storing the message, try again later")
 # Bodies above this are normalised off the event loop: the regex pass over a few MB takes
@@ -43,18 +48,37 @@ class SMTPHandler:
         intake: Intake,
         authenticator: Authenticator,
         on_accept: Callable[[str], None] | None = None,
+        on_refusal: RefusalCallback | None = None,
+        inbound: Callable[[str, Sequence[str], bytes], Awaitable[str]] | None = None,
+        trusted: TrustedNetworks | None = None,
     ) -> None:
+        # listen.trusted_networks: clients there send as an account without AUTH.
+        self.trusted = trusted
+        # Unauthenticated mail that policy let through (our bounce/unsubscribe addresses
+        # on port 25) goes here instead of the outbound queue.
+        self.inbound = inbound
         self.listener = listener
         self.policy = policy
         self.intake = intake
         self.authenticator = authenticator
         self.on_accept = on_accept
+        # Records the `rejected` event for authenticated accounts (relay/events/emit.py).
+        self.on_refusal = on_refusal
 
     async def authenticate(self, user: str, password: str, ip: str) -> AuthDecision:
         try:
             return await self.authenticator.verify(user, password, ip)
         except StoreUnavailable:
             return AuthDecision(None, "454 4.7.0 Temporary authentication failure")
+
+    async def trusted_account(self, ip: str) -> Account | None:
+        """The account a client on a trusted network sends as (None: not trusted)."""
+        if self.trusted is None:
+            return None
+        try:
+            return await self.trusted.account_for(ip)
+        except StoreUnavailable:
+            return None  # fail safe: the session must AUTH (or is refused) as usual
 
     def _request(
         self, stage: Stage, session: Any, envelope: Any, mail_from: str | None = None, **kw: Any
@@ -79,7 +103,7 @@ class SMTPHandler:
             self._request(Stage.MAIL, session, envelope, mail_from=address)
         )
         if not verdict.ok:
-            self._log_refusal(session, address, None, verdict)
+            self._log_refusal(session, address, None, verdict, Stage.MAIL)
             return verdict.reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -94,7 +118,7 @@ class SMTPHandler:
             self._request(Stage.RCPT, session, envelope, rcpt=address)
         )
         if not verdict.ok:
-            self._log_refusal(session, envelope.mail_from, address, verdict)
+            self._log_refusal(session, envelope.mail_from, address, verdict, Stage.RCPT)
             return verdict.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -103,6 +127,21 @@ class SMTPHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         started = time.monotonic()
         raw: bytes = envelope.original_content or b""
+        if self.inbound is not None and not isinstance(session.auth_data, Account):
+            # RCPT let unauthenticated mail through only for our bounce/unsubscribe
+            # addresses (port 25); outbound DATA policy does not apply to it.
+            reply = await self.inbound(envelope.mail_from or "", list(envelope.rcpt_tos), raw)
+            log.info(
+                "smtp listener=%s client=%s account=- from=<%s> rcpts=%d size=%d"
+                " outcome=inbound reply=%r",
+                self.listener,
+                _ip(session),
+                envelope.mail_from or "",
+                len(envelope.rcpt_tos),
+                len(raw),
+                reply,
+            )
+            return reply
         parsed: ParsedMessage
         if len(raw) > _THREAD_PARSE_BYTES:
             parsed = await asyncio.to_thread(parse, raw)
@@ -113,10 +152,11 @@ class SMTPHandler:
         )
         verdict = await self.policy.check(req)
         if not verdict.ok:
-            self._log_refusal(session, envelope.mail_from, None, verdict)
+            self._log_refusal(session, envelope.mail_from, None, verdict, Stage.DATA)
+            metrics.smtp_transaction(self.listener, "refused", started)  # metrics
             return verdict.reply
         account = req.account
-        assert account is not None  # RCPT refused everything for unauthenticated sessions
+        assert account is not None  # RCPT refused everything else for unauthenticated sessions
         protocol = "ESMTP"
         if getattr(server, "tls_active", False):
             protocol += "S"
@@ -137,6 +177,7 @@ class SMTPHandler:
             # makes the client keep the message and try again.
             level = logging.WARNING if isinstance(exc, StoreUnavailable) else logging.ERROR
             log.log(level, "accept failed client=%s error=%r", _ip(session), exc)
+            metrics.smtp_transaction(self.listener, "failed", started)  # metrics
             return STORE_DOWN.reply
         log.info(
             "smtp listener=%s client=%s account=%s from=<%s> rcpts=%d size=%d outcome=queued"
@@ -150,11 +191,22 @@ class SMTPHandler:
             qid,
             (time.monotonic() - started) * 1000,
         )
+        metrics.smtp_transaction(self.listener, "queued", started, len(envelope.rcpt_tos))
         if self.on_accept is not None:
             self.on_accept(qid)
         return f"250 2.0.0 Ok: queued as {qid}"
 
-    def _log_refusal(self, session: Any, sender: str | None, rcpt: str | None, v: Verdict) -> None:
+    def _log_refusal(
+        self,
+        session: Any,
+        sender: str | None,
+        rcpt: str | None,
+        v: Verdict,
+        stage: Stage = Stage.DATA,
+    ) -> None:
+        if self.on_refusal is not None and isinstance(session.auth_data, Account):
+            self.on_refusal(session.auth_data, stage, sender, rcpt, v)
+        metrics.smtp_refused(self.listener, v.reason)  # metrics
         account = session.auth_data.name if isinstance(session.auth_data, Account) else "-"
         log.info(
             "smtp listener=%s client=%s account=%s from=<%s> rcpt=<%s> outcome=refused"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import logging
 import re
@@ -21,6 +22,8 @@ import warnings
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from relay import metrics
 
 log = logging.getLogger("relay.smtp")
 
@@ -67,6 +70,18 @@ def with_enhanced_code(reply: str) -> str:
     return f"{code} {enhanced} {text}" if enhanced else reply
 
 
+# Bytes past max_message_size still read before an oversized DATA is cut off: the
+# ".\r\n" terminator and the next transaction's pipelined MAIL/RCPT lines fit easily.
+_DATA_SLACK = 64 * 1024
+
+
+def _unbalanced_path(arg: str) -> bool:
+    """An RFC 5321 §4.1.2 path opened with "<" and never closed (e.g. cut by a bare LF)."""
+    _, _, rest = arg.partition(":")
+    rest = rest.strip()
+    return rest.startswith("<") and ">" not in rest
+
+
 class ConnectionLimiter:
     """Open sessions per client IP, shared by every listener of the process; it also
     knows every live session, so shutdown can let transactions finish and close the rest.
@@ -95,6 +110,10 @@ class RelaySMTP(SMTP):
     """One SMTP session. ``listener`` names the port's role (submission/smtps/smtp)."""
 
     AuthLoginUsernameChallenge = "Username:"
+    # RFC 5321 §4.5.3.1.6 caps text lines at 1000 octets, but a 500 in the middle of DATA
+    # hides which rule was broken: longer lines are read and policy refuses the message
+    # at end of DATA with 554 5.6.0 naming the rule (subject length, line length).
+    line_length_limit = 64 * 1024
     AuthLoginPasswordChallenge = "Password:"
 
     def __init__(
@@ -114,6 +133,8 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.max_message_size = max_message_size
         self._in_ehlo = False
+        # Bytes received since "354"; None outside DATA (see data_received).
+        self._data_bytes: int | None = None
         with warnings.catch_warnings():
             # We require TLS for AUTH ourselves (see smtp_AUTH), including implicit TLS,
             # which aiosmtpd's own check does not recognise.
@@ -127,6 +148,9 @@ class RelaySMTP(SMTP):
                 enable_SMTPUTF8=True,
                 **kwargs,
             )
+        # aiosmtpd keeps command_size_limits on the class, shared by every session and
+        # grown on every EHLO; each session gets its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._client_ip is not None and self.limiter is not None:
@@ -168,18 +192,82 @@ class RelaySMTP(SMTP):
                 msg = f"421 4.7.0 Too many connections from {ip} (limit {self.limiter.per_ip})"
                 writer: Any = transport
                 writer.write(msg.encode() + b"\r\n")
+                metrics.smtp_connection_refused(self.listener)  # metrics
                 transport.close()
                 return
             self._client_ip = ip
             self.limiter.sessions.add(self)
         super().connection_made(transport)
+        metrics.smtp_connection(self.listener, self.tls_active, self._tls_protocol is not None)
         if self.implicit_tls and self.session is not None and self.session.ssl is None:
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = self._rewrite(status)
+            self._data_bytes = 0 if status.startswith("354") else None
         await super().push(status)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._data_bytes is None:
+            return
+        self._data_bytes += len(data)
+        # aiosmtpd reads an oversized message to its end before answering 552: a client
+        # could hold the connection for an unbounded upload. Past the limit (plus slack
+        # for the terminator and commands pipelined behind it, RFC 2920) we answer and
+        # hang up (RFC 5321 §4.2.5 lets the server close after a failed DATA).
+        if self._data_bytes > self.max_message_size + _DATA_SLACK:
+            self._data_bytes = None
+            transport: Any = self.transport
+            if transport is not None and not transport.is_closing():
+                log.info(
+                    "smtp listener=%s client=%s outcome=refused reason=size_exceeded_cut",
+                    self.listener,
+                    self._client_ip,
+                )
+                transport.write(
+                    f"552 5.3.4 Message size exceeds the limit of {self.max_message_size}"
+                    " bytes (max_message_size); closing connection\r\n".encode()
+                )
+                transport.close()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: say why before closing an idle or too slow session.
+        transport: Any = self.transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(
+                    f"421 4.4.2 {self.hostname} Timeout: no complete command within"
+                    f" {self._timeout_duration:g} s (smtp.timeout); closing connection\r\n".encode()
+                )
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and _unbalanced_path(arg):
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> (unbalanced < >)")
+            return
+        if self.session is not None and not self.session.authenticated:
+            await self._apply_trust()
+        await super().smtp_MAIL(arg)
+
+    async def _apply_trust(self) -> None:
+        """listen.trusted_networks: at the first MAIL without AUTH, a client on a trusted
+        network becomes that network's account (relay/smtp/trusted.py)."""
+        lookup = getattr(self.event_handler, "trusted_account", None)
+        if lookup is None or self.session is None:
+            return
+        peer = self.session.peer
+        account = await lookup(peer[0] if isinstance(peer, tuple) else str(peer))
+        if account is not None:
+            self.session.authenticated = True
+            self.session.auth_data = account
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg and _unbalanced_path(arg):
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address> (unbalanced < >)")
+            return
+        await super().smtp_RCPT(arg)
 
     def _rewrite(self, status: str) -> str:
         if status.startswith("552 Error:"):
@@ -205,7 +293,9 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
-        self.command_size_limits["MAIL"] += 26 + 10
+        # RFC 1870 SIZE= (+10) and RFC 6531/6152 BODY=/SMTPUTF8 (+26) lengthen MAIL; set,
+        # not added, so repeated EHLOs do not grow the limit.
+        self.command_size_limits["MAIL"] = SMTP.command_size_limit + 26 + 10
         lines = [self.hostname, f"SIZE {self.max_message_size}", "8BITMIME", "SMTPUTF8"]
         lines += ["PIPELINING", "ENHANCEDSTATUSCODES"]
         if self.tls_context and not self.tls_active:
@@ -233,6 +323,7 @@ class RelaySMTP(SMTP):
         peer = self.session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
         decision = await self.event_handler.authenticate(user, secret, ip)
+        metrics.smtp_auth(self.listener, decision.reply)  # metrics
         if decision.ok:
             return AuthResult(
                 success=True,

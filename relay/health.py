@@ -1,0 +1,40 @@
+"""Readiness facts that are not SQL: is the SQLite database file usable at all?
+
+An open SQLite connection keeps working after its file is made unreadable, renamed or
+deleted (the descriptor stays valid), so ``SELECT 1`` alone would report a database
+that the next process start, or a new pooled connection, cannot open.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from relay.config import DatabaseConfig
+
+_PREFIX = "sqlite+aiosqlite:///"
+
+
+def sqlite_path(db: DatabaseConfig) -> str | None:
+    if not db.url.startswith(_PREFIX):
+        return None
+    path = db.url[len(_PREFIX) :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else path
+
+
+def database_file_ok(db: DatabaseConfig) -> bool:
+    """True unless the configured SQLite file is missing or not readable and writable."""
+    path = sqlite_path(db)
+    if path is None:
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if os.geteuid() == 0:
+        # root passes every access() check: judge by the owner's permission bits, which
+        # is what the service user (User=relay owns the file) will meet.
+        return st.st_mode & (stat.S_IRUSR | stat.S_IWUSR) == (stat.S_IRUSR | stat.S_IWUSR)
+    return os.access(path, os.R_OK | os.W_OK)

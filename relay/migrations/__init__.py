@@ -1,0 +1,1 @@
+"""Alembic migration scripts (run by `relay migrate`, see relay/queue/migrate.py)."""

@@ -1,0 +1,1 @@
+"""Reputation: blocklist, unsubscribe, bounce and complaint processing, suspension."""

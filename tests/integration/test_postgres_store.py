@@ -1,0 +1,177 @@
+"""The store on both dialects: migrations, claims and counters shared by several engines.
+
+Two ``Store`` objects on one database are two nodes as far as the database can tell (each
+has its own engine and connection pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from relay.config import DatabaseConfig
+from relay.errors import NotMigrated
+from relay.queue import migrate
+from relay.queue.store import NewMessage, NewRecipient, Store
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    yield FakeClock()
+
+
+@pytest.fixture
+async def stores(db_url: str, clock: FakeClock) -> AsyncIterator[tuple[Store, Store]]:
+    cfg = DatabaseConfig(url=db_url, pool_size=5, statement_timeout=30)
+    a = Store.open(cfg, node_id="node-a", clock=clock)
+    b = Store.open(cfg, node_id="node-b", clock=clock)
+    try:
+        await a.migrate()
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _seed(store: Store, messages: int, rcpts: int = 1) -> int:
+    acct = await store.add_account("alice", "x")
+    for i in range(messages):
+        await store.accept(
+            NewMessage(
+                id=f"m{i:06d}",
+                account_id=acct.id,
+                mail_from="a@example.com",
+                body=b"Subject: x\r\n\r\nbody\r\n",
+                recipients=tuple(NewRecipient(f"r{j}@example.org") for j in range(rcpts)),
+            )
+        )
+    return messages * rcpts
+
+
+async def test_migrate_is_idempotent_and_leaves_the_database_at_head(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    assert await a.migrate() == ", ".join(migrate.head_revisions())
+    await b.migrate()
+    assert await migrate.current_revisions(a) == migrate.head_revisions()
+    await a.check_schema()
+    await b.check_schema()
+
+
+async def test_concurrent_migrations_from_two_nodes_both_succeed(db_url: str) -> None:
+    cfg = DatabaseConfig(url=db_url)
+    nodes = [Store.open(cfg, node_id=f"n{i}") for i in range(3)]
+    try:
+        results = await asyncio.gather(*(s.migrate() for s in nodes))
+        assert set(results) == {", ".join(migrate.head_revisions())}
+    finally:
+        for s in nodes:
+            await s.close()
+
+
+async def test_check_schema_refuses_a_database_never_migrated(db_url: str) -> None:
+    store = Store.open(DatabaseConfig(url=db_url))
+    try:
+        with pytest.raises(NotMigrated, match="relay migrate"):
+            await store.check_schema()
+    finally:
+        await store.close()
+
+
+async def test_check_schema_refuses_a_revision_this_relay_does_not_know(
+    stores: tuple[Store, Store],
+) -> None:
+    a, _ = stores
+    async with a.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+    with pytest.raises(NotMigrated, match=r"ffff9999.*does not know"):
+        await a.check_schema()
+
+
+async def test_two_nodes_claiming_at_once_never_lease_the_same_recipient(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    total = await _seed(a, 150, rcpts=2)
+
+    async def drain(store: Store, owner: str) -> list[int]:
+        got: list[int] = []
+        while True:
+            claims = await store.claim_due(owner, 60, 7)
+            if not claims:
+                return got
+            got.extend(c.recipient_id for c in claims)
+
+    runs = await asyncio.gather(drain(a, "a:1"), drain(b, "b:1"), drain(a, "a:2"), drain(b, "b:2"))
+    everything = [rid for run in runs for rid in run]
+    assert len(everything) == total
+    assert len(set(everything)) == total, "a recipient was leased by two owners"
+    assert all(runs), "every claimer got some rows (the test really ran concurrently)"
+
+
+async def test_a_lease_that_runs_out_is_taken_over_by_the_other_node(
+    stores: tuple[Store, Store], clock: FakeClock
+) -> None:
+    a, b = stores
+    await _seed(a, 3)
+    first = await a.claim_due("node-a:1:dead", 30, 10)
+    assert len(first) == 3
+    assert await b.claim_due("node-b:1:x", 30, 10) == []
+    clock.now += 31
+    taken = await b.claim_due("node-b:1:x", 30, 10)
+    assert sorted(c.recipient_id for c in taken) == sorted(c.recipient_id for c in first)
+    rows = await b.queue_list()
+    assert {r.lease_owner for r in rows} == {"node-b:1:x"}
+
+
+async def test_counter_increments_from_two_nodes_are_never_lost(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    per_node = 60
+
+    async def bump(store: Store) -> list[int]:
+        return list(
+            await asyncio.gather(
+                *(store.incr_counter("daily:1", 0.0, 1, 9e9) for _ in range(per_node))
+            )
+        )
+
+    seen = (await bump(a)) + (await bump(b))
+    both = await asyncio.gather(bump(a), bump(b))
+    seen += both[0] + both[1]
+    assert await a.counter_sum("daily:1", 0.0) == 4 * per_node
+    assert sorted(seen) == list(range(1, 4 * per_node + 1)), "each increment saw its own value"
+
+
+@pytest.mark.postgres
+async def test_claims_on_postgresql_use_for_update_skip_locked(pg_url: str) -> None:
+    store = Store.open(DatabaseConfig(url=pg_url), node_id="n")
+    statements: list[str] = []
+
+    @sa.event.listens_for(store.engine.sync_engine, "before_cursor_execute")
+    def _capture(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    try:
+        await store.migrate()
+        statements.clear()
+        await store.claim_due("n:1:x", 30, 10)
+        await store.incr_counter("k", 0.0, 1, 9e9)
+    finally:
+        await store.close()
+    selects = [s for s in statements if "FROM recipient" in s]
+    assert selects and selects[0].rstrip().endswith("FOR UPDATE SKIP LOCKED"), selects
+    assert any("ON CONFLICT (key, window_start) DO UPDATE" in s for s in statements), statements

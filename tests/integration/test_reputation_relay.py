@@ -1,0 +1,234 @@
+"""The real relay end to end: hard bounce -> blocklist -> 550 at RCPT; signed RFC 8058
+headers and VERP; unsubscribe by GET page + button, one-click POST and mailto on port 25;
+late DSNs; suspension and resume through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosmtplib
+import dkim
+import dns.resolver
+import pytest
+
+from tests.support.dnsserver import DNSServer
+from tests.support.relayproc import (
+    MakeRelay,
+    RelayProcess,
+    make_message,
+    submit,
+)
+from tests.support.sink import Received, SMTPSink
+
+DSN_DIR = Path(__file__).parent.parent / "unit" / "dsn_samples"
+
+
+def wait_until(fn: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+async def send(relay: RelayProcess, rcpts: list[str], sender: str = "a@example.com") -> Any:
+    return await submit(
+        relay.submission_port,
+        sender=sender,
+        recipients=rcpts,
+        data=make_message(sender, rcpts),
+    )
+
+
+def blocklist(relay: RelayProcess) -> str:
+    return relay.cli("blocklist", "list").stdout
+
+
+@pytest.fixture
+def started(make_relay: MakeRelay) -> RelayProcess:
+    relay = make_relay({"listen": {"smtp": "auto"}})
+    relay.setup()
+    relay.start()
+    return relay
+
+
+async def test_user_unknown_is_blocklisted_and_refused_at_rcpt_while_others_deliver(
+    started: RelayProcess, sink: SMTPSink
+) -> None:
+    sink.set_rcpt_reply("gone@example.org", "550 5.1.1 <gone@example.org> user unknown")
+    sink.set_rcpt_reply("policy@example.org", "550 5.7.1 Client host blocked using Spamhaus")
+    await send(started, ["gone@example.org", "policy@example.org", "b@example.org"])
+    await asyncio.to_thread(sink.wait_for, 1)
+    out = await asyncio.to_thread(
+        wait_until, lambda: "gone@example.org" in blocklist(started) and blocklist(started)
+    )
+    assert "policy@example.org" not in out  # a reputation refusal is not the address's fault
+    assert "alice" in out and "user unknown" in out
+
+    refused, _reply = await send(started, ["gone@example.org", "c@example.org"])
+    assert set(refused) == {"gone@example.org"}
+    resp = refused["gone@example.org"]
+    assert resp.code == 550 and resp.message.startswith("5.1.1")
+    assert "relay blocklist remove gone@example.org" in resp.message
+    msgs = await asyncio.to_thread(sink.wait_for, 2)
+    assert msgs[-1].rcpt_tos == ("c@example.org",)
+
+    started.cli("blocklist", "remove", "gone@example.org")
+    refused, _ = await send(started, ["gone@example.org"])
+    assert refused == {}
+    started.cli("blocklist", "add", "x@example.org", "--days", "3", "--reason", "typo trap")
+    assert "typo trap" in started.cli("blocklist", "list", "--search", "x@").stdout
+    assert "x@example.org" not in started.cli("blocklist", "list", "--account", "alice").stdout
+
+
+def _dkim_ok(data: bytes, dns_server: DNSServer) -> bool:
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = ["127.0.0.1"]
+    r.port = dns_server.port
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        ans = r.resolve(name.decode().rstrip("."), "TXT")
+        return b"".join(b"".join(x.strings) for x in ans)
+
+    return bool(dkim.verify(data, dnsfunc=dnsfunc))
+
+
+async def test_each_recipient_gets_signed_one_click_headers_and_a_verp_sender(
+    started: RelayProcess, sink: SMTPSink, dns_server: DNSServer
+) -> None:
+    await send(started, ["r1@example.org", "r2@example.org"])
+    msgs: list[Received] = await asyncio.to_thread(sink.wait_for, 2)
+    links = set()
+    for m in msgs:
+        assert len(m.rcpt_tos) == 1  # per-recipient content: one envelope each
+        assert re.fullmatch(r"bounce\+[a-z2-7]+@relay\.test", m.mail_from)
+        lu = m.header("List-Unsubscribe")
+        assert lu is not None
+        assert re.fullmatch(
+            rf"<{re.escape(started.http_url)}/u/[a-z2-7]+>,"
+            r" <mailto:unsubscribe\+[a-z2-7]+@relay\.test>",
+            lu,
+        )
+        assert m.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+        sig = m.header("DKIM-Signature") or ""
+        assert "list-unsubscribe:list-unsubscribe-post" in sig.replace(" ", "").lower()
+        assert _dkim_ok(m.data, dns_server)
+        links.add(lu)
+    assert len(links) == 2
+
+
+async def test_message_with_its_own_list_unsubscribe_keeps_it(
+    started: RelayProcess, sink: SMTPSink
+) -> None:
+    data = make_message(
+        "a@example.com", ["b@example.org"], headers={"List-Unsubscribe": "<mailto:own@example.com>"}
+    )
+    await submit(
+        started.submission_port, sender="a@example.com", recipients=["b@example.org"], data=data
+    )
+    [m] = await asyncio.to_thread(sink.wait_for, 1)
+    assert m.header("List-Unsubscribe") == "<mailto:own@example.com>"
+    assert m.header("List-Unsubscribe-Post") is None
+
+
+async def _links(sink: SMTPSink, n: int) -> tuple[str, str]:
+    msgs = await asyncio.to_thread(sink.wait_for, n)
+    lu = msgs[n - 1].header("List-Unsubscribe") or ""
+    url, mailto = re.findall(r"<([^>]+)>", lu)
+    return url, mailto.removeprefix("mailto:")
+
+
+async def test_unsubscribe_by_page_one_click_and_mailto_is_per_sender_domain(
+    started: RelayProcess, sink: SMTPSink
+) -> None:
+    started.add_domain("other.com", "alice")
+    await send(started, ["reader@example.org"])
+    url, _ = await _links(sink, 1)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            page = await resp.text()
+            assert resp.status == 200 and "<button" in page and 'method="post"' in page
+        assert "reader@example.org" not in started.cli("suppression", "list").stdout  # GET alone
+        for _ in range(2):  # idempotent
+            async with http.post(url, data={"List-Unsubscribe": "One-Click"}) as resp:
+                assert resp.status == 200
+        async with http.get(url[:-3] + "aaa") as resp:
+            assert resp.status == 404
+    out = started.cli("suppression", "list").stdout
+    assert "example.com" in out and "reader@example.org" in out and "unsubscribe" in out
+
+    refused, _ = await send(started, ["reader@example.org", "x@example.org"])
+    assert set(refused) == {"reader@example.org"}
+    assert refused["reader@example.org"].code == 550
+    assert refused["reader@example.org"].message.startswith("5.7.1")
+    assert "example.com" in refused["reader@example.org"].message
+    refused, _ = await send(started, ["reader@example.org"], sender="news@other.com")
+    assert refused == {}  # other sender domains still reach it
+
+    # mailto on port 25, no AUTH
+    _url, mailto = await _links(sink, 3)  # the message from news@other.com
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=started.smtp_port, start_tls=False, timeout=20
+    )
+    async with smtp:
+        await smtp.sendmail("reader@example.org", [mailto], b"Subject: unsubscribe\r\n\r\n\r\n")
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as exc:
+            await smtp.sendmail(
+                "x@evil.example", ["b@example.org"], b"Subject: relay?\r\n\r\nx\r\n"
+            )
+        [err] = exc.value.recipients
+        assert err.code == 550 and err.message.startswith("5.7.1")
+    out = started.cli("suppression", "list", "--domain", "other.com").stdout
+    assert "reader@example.org" in out
+    started.cli("suppression", "remove", "reader@example.org", "--domain", "example.com")
+    refused, _ = await send(started, ["reader@example.org"])
+    assert refused == {}
+
+
+async def test_late_dsn_to_the_verp_address_blocklists(
+    started: RelayProcess, sink: SMTPSink
+) -> None:
+    await send(started, ["nobody@example.org"])
+    [m] = await asyncio.to_thread(sink.wait_for, 1)
+    verp = m.mail_from
+    token = verp.split("+", 1)[1].split("@")[0]
+    data = (DSN_DIR / "postfix.eml").read_bytes().replace(b"TOKEN", token.encode())
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=started.smtp_port, start_tls=False, timeout=20
+    )
+    async with smtp:
+        _, reply = await smtp.sendmail("", [verp], data.replace(b"\n", b"\r\n"))
+    assert "dsn report" in reply
+    assert "nobody@example.org" in blocklist(started)
+
+
+async def test_crossing_the_bounce_rate_suspends_and_resume_restores(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    relay = make_relay({"reputation": {"min_sample": 4, "bounce_threshold": 0.5}})
+    relay.setup()
+    relay.start()
+    for addr in ("u1@example.org", "u2@example.org", "u3@example.org"):
+        sink.set_rcpt_reply(addr, f"550 5.1.1 <{addr}> user unknown")
+    await send(relay, ["u1@example.org", "u2@example.org", "u3@example.org", "ok@example.org"])
+    await asyncio.to_thread(
+        wait_until, lambda: "suspended" in relay.cli("account", "show", "alice").stdout
+    )
+    shown = relay.cli("account", "show", "alice").stdout
+    assert "75.00%" in shown and "50.00%" in shown
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as exc:
+        await send(relay, ["b@example.org"])
+    assert exc.value.code == 550 and exc.value.message.startswith("5.7.1")
+    assert "75.0%" in exc.value.message and "50.0%" in exc.value.message
+    relay.cli("account", "resume", "alice")
+    assert "active" in relay.cli("account", "show", "alice").stdout
+    refused, _ = await send(relay, ["b@example.org"])
+    assert refused == {}

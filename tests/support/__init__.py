@@ -1,0 +1,1 @@
+"""Test support: loopback DNS server, SMTP sink, relay subprocess runner."""
