@@ -47,6 +47,7 @@ class Load:
     rcpt_domain: str
     run: str
     rate: float = 0.0  # msg/s offered (0: as fast as the server answers)
+    duration: float = 0.0  # stop starting messages after this many seconds (0: no limit)
     timeout: float = 60.0
 
 
@@ -87,6 +88,7 @@ class Generator:
         self.load = load
         self.result = Result()
         self.next_index = 0
+        self.t0 = time.monotonic()
         self.body = make_body(load.size)
         self.tls_ctx = ssl.create_default_context()
         self.tls_ctx.check_hostname = False
@@ -94,6 +96,8 @@ class Generator:
 
     def _take(self) -> int | None:
         if self.next_index >= self.load.messages:
+            return None
+        if self.load.duration and time.monotonic() - self.t0 > self.load.duration:
             return None
         i = self.next_index
         self.next_index += 1
@@ -187,7 +191,7 @@ class Generator:
 
     async def run(self) -> Result:
         self.result.start = time.time()
-        t0 = time.monotonic()
+        self.t0 = t0 = time.monotonic()
         tasks = [asyncio.create_task(self.session(t0)) for _ in range(self.load.sessions)]
         await asyncio.wait_for(asyncio.gather(*tasks), self.load.timeout + self.load.messages)
         self.result.elapsed = time.monotonic() - t0
@@ -209,8 +213,12 @@ def main() -> None:
     ap.add_argument("--rcpt-domain", default="example.org")
     ap.add_argument("--run", default="run", help="X-Bench-Id prefix")
     ap.add_argument("--rate", type=float, default=0.0, help="offered msg/s (0 = flat out)")
+    ap.add_argument("--duration", type=float, default=0.0, help="stop after S seconds (0: no)")
     args = ap.parse_args()
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    auth: tuple[str, str] | None = None
+    if args.auth:
+        user, _, password = args.auth.partition(":")
+        auth = (user, password)
     load = Load(
         args.host,
         args.port,
@@ -219,11 +227,12 @@ def main() -> None:
         args.per_conn,
         args.size,
         args.starttls,
-        auth,  # type: ignore[arg-type]
+        auth,
         args.sender,
         args.rcpt_domain,
         args.run,
         args.rate,
+        args.duration,
     )
     res = asyncio.run(Generator(load).run())
     lat = res.latencies

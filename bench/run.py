@@ -379,7 +379,9 @@ def pct(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
-def run_one(server: Server, sink: Sink, sc: Scenario, run_id: str, rate: float) -> Row:
+def run_one(
+    server: Server, sink: Sink, sc: Scenario, run_id: str, rate: float, duration: float
+) -> Row:
     row = Row(sc.name, server.name, offered_rate=rate)
     sink.ask("RESET")
     cmd = [
@@ -399,6 +401,8 @@ def run_one(server: Server, sink: Sink, sc: Scenario, run_id: str, rate: float) 
         run_id,
         "--rate",
         str(rate),
+        "--duration",
+        str(duration),
     ]
     if sc.tls_auth:
         cmd.append("--starttls")
@@ -481,7 +485,8 @@ def table(rows: list[Row]) -> str:
             lines.append(
                 f"| {name} | **relay/postfix** | **{ratio(rel.accept_rate, pf.accept_rate)}**"
                 f" | **{ratio(rel.e2e_rate, pf.e2e_rate)}** | {ratio(rel.p50_ms, pf.p50_ms)}"
-                f" | {ratio(rel.p99_ms, pf.p99_ms)} | {ratio(rel.cpu_ms_per_msg, pf.cpu_ms_per_msg)}"
+                f" | {ratio(rel.p99_ms, pf.p99_ms)}"
+                f" | {ratio(rel.cpu_ms_per_msg, pf.cpu_ms_per_msg)}"
                 f" | {ratio(rel.peak_pss_mb, pf.peak_pss_mb)} | |"
             )
     notes = sorted({f"{r.server} {r.scenario}: {r.note}" for r in rows if r.note})
@@ -495,12 +500,21 @@ def main() -> int:
     ap.add_argument("--scenarios", help="comma-separated scenario names")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument(
+        "--duration", type=float, help="cap each load at S seconds (default: none; --quick: 8)"
+    )
     args = ap.parse_args()
+    if args.duration is None:
+        args.duration = 8.0 if args.quick else 0.0
     if os.geteuid() != 0 and args.only != "relay":
-        print("Postfix needs root to start (postfix -c DIR start); use --only relay", file=sys.stderr)
+        print(
+            "Postfix needs root to start (postfix -c DIR start); use --only relay", file=sys.stderr
+        )
         return 2
     if args.only != "relay" and not Path("/usr/sbin/postfix").exists():
-        print("Postfix is not installed: apt-get install postfix (or --only relay)", file=sys.stderr)
+        print(
+            "Postfix is not installed: apt-get install postfix (or --only relay)", file=sys.stderr
+        )
         return 2
     chosen = scenarios(args.quick)
     if args.scenarios:
@@ -529,7 +543,8 @@ def main() -> int:
                 if sc.half_rate:
                     rate = best.get((sc.of, "relay"), 0.0) / 2 or 100.0
                 print(f"{sc.name:<22} {s.name:<8} ...", end="", flush=True)
-                row = run_one(s, sink, sc, f"{sc.name}-{s.name}-{n}", rate)
+                run_id = f"{sc.name}-{s.name}-{n}".replace("+", "_")
+                row = run_one(s, sink, sc, run_id, rate, args.duration)
                 best[(sc.name, s.name)] = row.accept_rate
                 rows.append(row)
                 print(

@@ -22,7 +22,7 @@ import re
 import sys
 import time
 
-_ID = re.compile(rb"\r\nX-Bench-Id: ([A-Za-z0-9_.-]+)\r\n", re.IGNORECASE)
+_ID = re.compile(rb"\r\nX-Bench-Id: ([^\r\n]+)\r\n", re.IGNORECASE)
 
 
 class Counter:

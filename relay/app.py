@@ -22,11 +22,11 @@ from relay.delivery.mx import MXResolver
 from relay.delivery.render import Renderer as ReputationRenderer
 from relay.delivery.scheduler import HeldScheduler
 from relay.delivery.worker import DeliveryWorker
+from relay.domains.recheck import Rechecker
 from relay.events.emit import RefusalRecorder
 from relay.events.tracking import OpenTracker
 from relay.events.tracking import base_url as tracking_base_url
 from relay.events.webhooks import WebhookDispatcher
-from relay.domains.recheck import Rechecker
 from relay.health import database_file_ok
 from relay.http.metrics import MetricsServer
 from relay.http.server import HTTPContext, HTTPServer

@@ -131,7 +131,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     fi
     run_as_postgres "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres relay_test
     export RELAY_TEST_PG_URL="postgresql+asyncpg://postgres@127.0.0.1:$PG_PORT/relay_test"
-    echo "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $NF}') on 127.0.0.1:$PG_PORT"
+    echo "$("$PG_BIN/postgres" --version) on 127.0.0.1:$PG_PORT"
 fi
 
 # ---------------------------------------------------------------- tests

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any

@@ -243,6 +243,29 @@ class RelaySMTP(SMTP):
                 )
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        # smtp.timeout is the client's allowance, not ours: while policy and intake work
+        # (waiting on the database under load) the timer is off. aiosmtpd counts that time,
+        # closed sessions mid-accept with 421 and made clients resend committed messages.
+        handle = self._timeout_handle
+        if handle is not None:
+            handle.cancel()
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+    async def _verify_untimed(self, user: str, secret: str, ip: str) -> Any:
+        handle = self._timeout_handle
+        if handle is not None:
+            handle.cancel()  # scrypt off the loop is our time, as above
+        try:
+            return await self.event_handler.authenticate(user, secret, ip)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg and _unbalanced_path(arg):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> (unbalanced < >)")
@@ -322,7 +345,7 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         peer = self.session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        decision = await self.event_handler.authenticate(user, secret, ip)
+        decision = await self._verify_untimed(user, secret, ip)
         metrics.smtp_auth(self.listener, decision.reply)  # metrics
         if decision.ok:
             return AuthResult(

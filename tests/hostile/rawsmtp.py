@@ -5,6 +5,7 @@ gives it (no dot-stuffing, no line-end fixing), so hostile input reaches the ser
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import ssl
 
@@ -36,10 +37,8 @@ class Raw:
         self.greeting = self.reply() if greet else (0, "")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> Raw:
         return self

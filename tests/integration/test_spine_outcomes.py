@@ -96,7 +96,12 @@ async def test_require_tls_defers_when_the_mx_has_no_starttls(
     with SMTPSink(tls=False) as plain:
         dns_server.add("plain.example", "MX", "10 mx.example.org.")
         relay = make_relay(
-            {"delivery": {"require_tls": True, "routes": {"plain.example": f"127.0.0.1:{plain.port}"}}}
+            {
+                "delivery": {
+                    "require_tls": True,
+                    "routes": {"plain.example": f"127.0.0.1:{plain.port}"},
+                }
+            }
         )
         relay.setup()
         relay.start()

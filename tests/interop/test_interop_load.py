@@ -62,6 +62,23 @@ def _message(tag: str, n: int) -> bytes:
     ).encode()
 
 
+def _duplicate_sources(sink: SMTPSink, tag: str) -> tuple[int, int]:
+    """(submission, delivery) duplicates. The test messages carry no Message-ID, so the
+    relay makes one per accepted copy: copies with different Message-IDs were accepted
+    twice (a 250 lost in a crash, the client resent); copies with the same one were
+    delivered twice (a delivery whose result was not committed before the crash)."""
+    seen: dict[str, list[str]] = collections.defaultdict(list)
+    with sink._lock:
+        messages = list(sink.messages)
+    for m in messages:
+        test_id = m.header("X-Test-Id")
+        if test_id and test_id.startswith(f"{tag}-"):
+            seen[test_id].append(m.header("Message-ID") or "")
+    submission = sum(len(set(ids)) - 1 for ids in seen.values())
+    delivery = sum(len(ids) - len(set(ids)) for ids in seen.values())
+    return submission, delivery
+
+
 def _ids(sink: SMTPSink, tag: str) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
     with sink._lock:
@@ -74,9 +91,9 @@ def _ids(sink: SMTPSink, tag: str) -> collections.Counter[str]:
 
 
 async def _wait_delivered(
-    sink: SMTPSink, tag: str, want: set[str], timeout: float
+    sink: SMTPSink, tag: str, want: set[str], within: float
 ) -> collections.Counter[str]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         got = _ids(sink, tag)
         if want <= set(got) or time.monotonic() > deadline:
@@ -120,7 +137,7 @@ async def test_fifty_concurrent_sessions_of_forty_messages_all_accepted_and_deli
     total = SESSIONS * PER_SESSION
     assert not errors, f"{len(errors)} error replies, first: {errors[:3]}"
     assert len(accepted) == total
-    got = await _wait_delivered(sink, "load", accepted, timeout=max(60.0, total / 20))
+    got = await _wait_delivered(sink, "load", accepted, within=max(60.0, total / 20))
     done_s = time.monotonic() - started
     missing = accepted - set(got)
     dupes = sum(c - 1 for c in got.values() if c > 1)
@@ -158,7 +175,7 @@ async def test_every_accepted_message_is_delivered_across_three_sigkills_and_res
 
     async def killer() -> None:
         for threshold in kill_at:
-            while len(accepted) < threshold and (not queue.empty() or len(accepted) == 0):
+            while len(accepted) < threshold and (not queue.empty() or len(accepted) == 0):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             await asyncio.sleep(rng.random() * 0.5)  # not always right after a 250
             restarting.clear()
@@ -210,13 +227,15 @@ async def test_every_accepted_message_is_delivered_across_three_sigkills_and_res
     await asyncio.gather(*(worker() for _ in range(CRASH_SESSIONS)))
     await kill_task
     assert len(accepted) == CRASH_MESSAGES
-    got = await _wait_delivered(sink, "crash", accepted, timeout=max(90.0, CRASH_MESSAGES / 15))
+    got = await _wait_delivered(sink, "crash", accepted, within=max(90.0, CRASH_MESSAGES / 15))
     missing = accepted - set(got)
     dupes = sum(c - 1 for c in got.values() if c > 1)
+    resubmitted, redelivered = _duplicate_sources(sink, "crash")
     print(
         f"\ncrash: {CRASH_MESSAGES} messages, {CRASH_SESSIONS} sessions, {len(kills)} SIGKILLs "
         f"({'; '.join(kills)}); client retries={dict(refused)}; delivered={len(got)} "
-        f"missing={len(missing)} DUPLICATES={dupes} in {time.monotonic() - started:.1f} s"
+        f"missing={len(missing)} DUPLICATES={dupes} (accepted twice={resubmitted},"
+        f" delivered twice={redelivered}) in {time.monotonic() - started:.1f} s"
     )
     assert len(kills) == CRASH_KILLS
     assert not missing, (

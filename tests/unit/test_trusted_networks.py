@@ -65,5 +65,5 @@ def test_config_names_the_key_path_of_a_bad_network(tmp_path: Path) -> None:
 def test_config_refuses_a_list_for_trusted_networks(tmp_path: Path) -> None:
     path = tmp_path / "relay.yaml"
     path.write_text("listen:\n  trusted_networks: [127.0.0.0/8]\n")
-    with pytest.raises(ConfigError, match="listen.trusted_networks: expected a mapping"):
+    with pytest.raises(ConfigError, match=r"listen\.trusted_networks: expected a mapping"):
         load_config(path)
