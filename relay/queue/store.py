@@ -8,7 +8,6 @@ share one queue.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from relay.model import (
     RecipientStatus,
 )
 from relay.queue import dialect
+from relay.queue.groupcommit import GroupCommitter
 from relay.queue.tables import (
     account,
     counter,
@@ -175,12 +175,10 @@ class Store:
         self.node_id = node_id
         self.clock = clock
         self.dialect = engine.dialect.name
-        # SQLite has one writer at a time; writers of this process queue on an asyncio
-        # lock (FIFO, no polling) instead of spinning in busy_timeout's sleep-and-retry,
-        # which under 50 concurrent sessions stretched an accept to seconds and tripped
-        # the policy check timeout. Other processes (CLI) still meet busy_timeout.
-        self._write_lock: asyncio.Lock | None = None
-        self._write_lock_loop: asyncio.AbstractEventLoop | None = None
+        # SQLite has one writer at a time and each COMMIT costs an fsync: writers of this
+        # process queue (FIFO, no busy_timeout polling) and share commits. Other
+        # processes (CLI, other nodes) still meet busy_timeout / row locks.
+        self._committer = GroupCommitter(self._begin_write)
 
     @classmethod
     def open(cls, db: DatabaseConfig, node_id: str = "", clock: Clock = time.time) -> Store:
@@ -209,15 +207,16 @@ class Store:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        if self.dialect == "sqlite":
-            loop = asyncio.get_running_loop()
-            if self._write_lock is None or self._write_lock_loop is not loop:
-                self._write_lock, self._write_lock_loop = asyncio.Lock(), loop
-            async with self._write_lock, self._begin_write() as conn:
+        """One write block; concurrent blocks share a COMMIT (see groupcommit.py)."""
+        try:
+            async with self._committer.write() as conn:
                 yield conn
-        else:
-            async with self._begin_write() as conn:
-                yield conn
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
     @asynccontextmanager
     async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
@@ -475,7 +474,9 @@ class Store:
                         )
                     )
             await conn.execute(event.insert(), events)
-            for c in msg.counters:
+            # One lock order for every transaction (PostgreSQL row locks): two accepts
+            # touching the same counters then queue up instead of deadlocking.
+            for c in sorted(msg.counters, key=lambda c: (c.key, c.window)):
                 await conn.execute(
                     dialect.counter_upsert(self.dialect, c.key, c.window, c.amount, c.expires_at)
                 )

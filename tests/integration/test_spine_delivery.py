@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import dkim
@@ -103,8 +104,6 @@ async def test_status_reports_delivered_with_mx_and_tls(
         out = relay.cli("status", qid).stdout
         if "delivered" in out.split("events:")[0]:
             break
-        import time
-
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     assert "b@example.org" in out and "delivered" in out
     assert "mx.example.org" in out and "tls=True" in out

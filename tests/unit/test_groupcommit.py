@@ -1,0 +1,87 @@
+"""Group commit: many write blocks, one COMMIT; a failing block rolls back alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from relay.config import DatabaseConfig
+from relay.queue.store import Store
+
+T = sa.Table("t", sa.MetaData(), sa.Column("x", sa.Integer, primary_key=True))
+
+
+async def _store(tmp_path: Path) -> tuple[Store, list[str]]:
+    store = Store.open(DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/g.db"))
+    seen: list[str] = []
+
+    @sa.event.listens_for(store.engine.sync_engine, "commit")
+    def _on_commit(conn: sa.Connection) -> None:
+        seen.append("commit")
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(T.metadata.create_all)
+    seen.clear()
+    return store, seen
+
+
+async def test_concurrent_writes_share_commits_and_all_are_durable(tmp_path: Path) -> None:
+    store, commits = await _store(tmp_path)
+
+    async def one(i: int) -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=i))
+
+    await asyncio.gather(*(one(i) for i in range(100)))
+    async with store._read() as conn:
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(T))).scalar()
+    assert count == 100
+    assert 1 <= len(commits) < 100
+    await store.close()
+
+
+async def test_a_failing_block_rolls_back_alone(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+
+    async def good(i: int) -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=i))
+
+    async def bad() -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=1000))
+            raise ValueError("policy says no")
+
+    results = await asyncio.gather(good(1), bad(), good(2), return_exceptions=True)
+    assert isinstance(results[1], ValueError)
+    async with store._read() as conn:
+        xs = sorted((await conn.execute(sa.select(T.c.x))).scalars())
+    assert xs == [1, 2]
+    await store.close()
+
+
+async def test_nested_write_joins_the_outer_transaction(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+    async with store._write() as conn:
+        await conn.execute(T.insert().values(x=1))
+        async with store._write() as inner:
+            assert inner is conn
+            await inner.execute(T.insert().values(x=2))
+    async with store._read() as conn:
+        assert sorted((await conn.execute(sa.select(T.c.x))).scalars()) == [1, 2]
+    await store.close()
+
+
+async def test_integrity_error_reaches_its_own_caller(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+    async with store._write() as conn:
+        await conn.execute(T.insert().values(x=1))
+    with pytest.raises(sa.exc.IntegrityError):
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=1))
+    async with store._write() as conn:
+        await conn.execute(T.insert().values(x=3))
+    await store.close()
