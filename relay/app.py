@@ -40,7 +40,7 @@ from relay.policy.reputation_checks import (
     RequireAuthOrInbound,
     Suppressed,
 )
-from relay.queue.store import Store
+from relay.queue.store import RateTake, Store
 from relay.reputation.service import Reputation
 from relay.smtp.auth import Authenticator
 from relay.smtp.handler import SMTPHandler
@@ -61,8 +61,9 @@ def build_checks(cfg: Config, store: Store) -> list[Check]:
         Suppressed(store),
         SenderDomain(store),
         *limit_checks(Limits(cfg.limits, store)),
-        # RateLimit takes tokens: keep it the last DATA check, after every refusal.
-        RateLimit(Limits(cfg.limits, store)),
+        # RateLimit takes tokens: keep it the last DATA check, after every refusal. It
+        # takes them inside the accept transaction (RelayApp._rate_take, issue 9).
+        RateLimit(Limits(cfg.limits, store), in_accept=True),
     ]
 
 
@@ -86,6 +87,14 @@ class RelayApp:
         self.reputation = Reputation(cfg, self.store)
         self.http.ctx.extras["reputation"] = self.reputation
 
+    async def _rate_take(self, account_id: int, recipients: int) -> RateTake | None:
+        # The live check (config reloads replace it) decides the rate.
+        for chk in self.policy.checks:
+            if isinstance(chk, RateLimit):
+                account = await self.store.get_account_by_id(account_id)
+                return await chk.take(account, recipients)
+        return None
+
     def readiness(self) -> dict[str, bool]:
         """Facts /readyz reports besides the database."""
         return {
@@ -103,6 +112,7 @@ class RelayApp:
         self.policy = policy = Policy(build_checks(cfg, self.store))
         intake = Intake(self.store, cfg.hostname)
         intake.planner = limits = Limits(cfg.limits, self.store)
+        intake.rate = self._rate_take
         self.auth = auth = Authenticator(self.store, cfg.smtp)
         self.resolver = resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
         self.worker = DeliveryWorker(

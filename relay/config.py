@@ -36,6 +36,9 @@ class DatabaseConfig:
     url: str = "sqlite+aiosqlite:////var/lib/relay/relay.db"
     pool_size: int = 10
     statement_timeout: float = 30.0
+    # Seconds this process keeps slow-changing rows (accounts, domains, limit overrides,
+    # reputation levels) between reads; changes made by other processes show within it.
+    cache_seconds: float = 5.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -96,6 +99,9 @@ class DeliveryConfig:
     require_tls: bool = False
     helo_name: str = field(default_factory=socket.getfqdn)
     concurrency: int = 50
+    # A destination's due messages are split into sessions of at most this many, run in
+    # parallel (bounded by concurrency): reuse without one slow session holding them all.
+    messages_per_connection: int = 20
     batch_size: int = 200
     poll_interval: float = 1.0
     lease_seconds: float = 120.0
@@ -554,6 +560,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
             "database.url",
             "expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB",
         )
+    if cfg.database.cache_seconds < 0:
+        problems.add("database.cache_seconds", "must be >= 0 (0 turns the cache off)")
     if (cfg.tls.cert is None) != (cfg.tls.key is None):
         problems.add("tls", "set both tls.cert and tls.key, or neither")
     if cfg.delivery.retry_first <= 0:
@@ -562,6 +570,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.lease_seconds", "must be >= 5 seconds")
     if cfg.delivery.concurrency < 1:
         problems.add("delivery.concurrency", "must be >= 1")
+    if cfg.delivery.messages_per_connection < 1:
+        problems.add("delivery.messages_per_connection", "must be >= 1")
     if cfg.webhooks.concurrency < 1:
         problems.add("webhooks.concurrency", "must be >= 1")
     if cfg.webhooks.timeout <= 0:

@@ -11,14 +11,14 @@ import email.utils
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Protocol
 
-from relay.queue.store import CounterAdd, NewMessage, NewRecipient, Store
+from relay.queue.store import CounterAdd, NewMessage, NewRecipient, RateTake, Store
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
@@ -36,6 +36,11 @@ def normalize_line_endings(data: bytes) -> bytes:
     This is also what defeats SMTP smuggling downstream: after it, a bare-LF "\\n.\\n"
     inside the body is an ordinary line holding a dot, which the client dot-stuffs.
     """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        # Already all CRLF (what every SMTP client sends): three C-speed counts instead
+        # of a regex substitution per line (~1,300 for a 100 KB body).
+        return data
     return _EOL.sub(b"\r\n", data)
 
 
@@ -129,6 +134,9 @@ class Intake:
         self.hostname = hostname
         self.clock = clock
         self.planner: AcceptPlanner | None = None
+        # (account id, recipients) -> the rate tokens the accept transaction takes
+        # (relay/policy/limits.py RateLimit.take); None: no rate limit.
+        self.rate: Callable[[int, int], Awaitable[RateTake | None]] | None = None
 
     def finalize(
         self,
@@ -180,6 +188,7 @@ class Intake:
         )
         body, message_id = self.finalize(parsed, qid, received)
         counters: tuple[CounterAdd, ...] = ()
+        rate = None if self.rate is None else await self.rate(account_id, len(recipients))
         if self.planner is not None:
             recipients, counters = await self.planner.plan(account_id, mail_from, recipients)
         await self.store.accept(
@@ -194,6 +203,7 @@ class Intake:
                 message_id_header=message_id[:998],
                 client=client_ip,
                 counters=counters,
+                rate=rate,
             )
         )
         return qid

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -119,9 +119,20 @@ class DestinationSession:
                 await _quit(client)
         return last
 
-    async def deliver(self, targets: Sequence[Target], envelopes: Sequence[Envelope]) -> None:
-        """Deliver each envelope over one session; fill in every recipient's outcome."""
+    async def deliver(
+        self,
+        targets: Sequence[Target],
+        envelopes: Sequence[Envelope],
+        on_done: Callable[[Envelope], None] | None = None,
+    ) -> None:
+        """Deliver each envelope over one session; fill in every recipient's outcome.
+
+        ``on_done`` is called as soon as an envelope's outcomes are final, so the caller
+        can record them while the next message is sent: the shorter the time between
+        the MX's 250 and our COMMIT, the fewer duplicates a crash can cause.
+        """
         pending = list(envelopes)
+        done = on_done or (lambda _env: None)
         reconnects = 0
         while pending:
             opened = await self._open(targets)
@@ -129,6 +140,7 @@ class DestinationSession:
                 for env in pending:
                     for rid, _ in env.recipients:
                         env.outcomes[rid] = opened
+                    done(env)
                 return
             client, mx, tls = opened
             try:
@@ -137,6 +149,7 @@ class DestinationSession:
                     started = time.monotonic()
                     await self._transaction(client, env, mx, tls)
                     pending.pop(0)
+                    done(env)
                     for rid, addr in env.recipients:
                         o = env.outcomes[rid]
                         log.info(
@@ -164,6 +177,7 @@ class DestinationSession:
                             tls,
                         ),
                     )
+                done(env)
                 reconnects += 1
                 if reconnects > 1:
                     for rest in pending:
@@ -174,6 +188,7 @@ class DestinationSession:
                                 mx,
                                 tls,
                             )
+                        done(rest)
                     return
                 continue
             finally:
@@ -183,7 +198,8 @@ class DestinationSession:
         self, client: aiosmtplib.SMTP, env: Envelope, mx: str, tls: bool
     ) -> None:
         options = [f"SIZE={len(env.data)}"]
-        if client.supports_extension("8bitmime") and any(b > 127 for b in env.data):
+        # bytes.isascii runs in C; a Python loop over each byte cost ~5 ms per 100 KB.
+        if client.supports_extension("8bitmime") and not env.data.isascii():
             options.append("BODY=8BITMIME")
         try:
             await client.mail(env.mail_from, options=options)

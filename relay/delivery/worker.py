@@ -117,9 +117,10 @@ class DeliveryWorker:
             by_domain[c.rcpt_domain].append(c)
             self._inflight.add(c.recipient_id)
         for rcpt_domain, group in by_domain.items():
-            task = asyncio.create_task(self._deliver_domain(rcpt_domain, group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            for chunk in _sessions(group, self.cfg.messages_per_connection):
+                task = asyncio.create_task(self._deliver_domain(rcpt_domain, chunk))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         return len(claims)
 
     async def _renew_loop(self) -> None:
@@ -160,17 +161,19 @@ class DeliveryWorker:
         self, message_id: str, group: list[Claim]
     ) -> list[tuple[list[Claim], Prepared]]:
         """One envelope for the group, or one per recipient when rendering changes it."""
+        # The body is read once per message and group, not once per rendered recipient.
+        loaded = await self.store.message_for_delivery(message_id)
+        body, mail_from, account_id = loaded
         if self.render is None and self.reputation is None:
-            return [(group, await self._prepare(message_id))]
-        body, mail_from, account_id = await self.store.message_for_delivery(message_id)
+            return [(group, await self._prepare(message_id, loaded=loaded))]
         rendered: list[bytes | None] = [None] * len(group)
         if self.render is not None:
             rendered = [await self.render(body, account_id, c) for c in group]
         if self.reputation is None:
             if all(r is None for r in rendered):
-                return [(group, await self._prepare(message_id))]
+                return [(group, await self._prepare(message_id, loaded=loaded))]
             return [
-                ([c], await self._prepare(message_id, r))
+                ([c], await self._prepare(message_id, r, loaded=loaded))
                 for c, r in zip(group, rendered, strict=True)
             ]
         # List-Unsubscribe and VERP (relay/delivery/render.py) after the body renderers.
@@ -182,13 +185,21 @@ class DeliveryWorker:
                 data = body if r is None else r
                 parts.extend(await self.reputation.render(data, mail_from, account_id, [c]))
         return [
-            (list(p.claims), await self._prepare(message_id, p.data, p.mail_from)) for p in parts
+            (list(p.claims), await self._prepare(message_id, p.data, p.mail_from, loaded=loaded))
+            for p in parts
         ]
 
     async def _prepare(
-        self, message_id: str, rendered: bytes | None = None, envelope_from: str | None = None
+        self,
+        message_id: str,
+        rendered: bytes | None = None,
+        envelope_from: str | None = None,
+        *,
+        loaded: tuple[bytes, str, int] | None = None,
     ) -> Prepared:
-        body, mail_from, _account = await self.store.message_for_delivery(message_id)
+        if loaded is None:
+            loaded = await self.store.message_for_delivery(message_id)
+        body, mail_from, _account = loaded
         if rendered is not None:
             body = rendered
         dom = mail_from.rpartition("@")[2].lower()
@@ -232,6 +243,7 @@ class DeliveryWorker:
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
             await self._record(claims, {c.recipient_id: o for c in claims})
             return
+        by_id = {c.recipient_id: c for c in claims}
         by_message: dict[str, list[Claim]] = defaultdict(list)
         for c in claims:
             by_message[c.message_id].append(c)
@@ -246,10 +258,21 @@ class DeliveryWorker:
                         prepared.data,
                     )
                 )
-        await self.session.deliver(targets, envelopes)
-        for env in envelopes:
-            outcomes.update(env.outcomes)
-        await self._record(claims, outcomes)
+        recording: list[asyncio.Task[None]] = []
+
+        def done(env: Envelope) -> None:
+            # Record each message's outcome the moment it is known (its COMMIT overlaps
+            # the next message's transfer): a crash then repeats at most the deliveries
+            # whose commit was in flight, not the whole connection's worth.
+            env_claims = [by_id[rid] for rid, _ in env.recipients]
+            recording.append(asyncio.create_task(self._record(env_claims, dict(env.outcomes))))
+
+        await self.session.deliver(targets, envelopes, on_done=done)
+        await asyncio.gather(*recording)
+        recorded = {rid for env in envelopes for rid, _ in env.recipients}
+        missing = [c for c in claims if c.recipient_id not in recorded]
+        if missing:
+            await self._record(missing, outcomes)
 
     async def _record(self, claims: list[Claim], outcomes: dict[int, Outcome]) -> None:
         now = self.clock()
@@ -272,7 +295,7 @@ class DeliveryWorker:
                 else:
                     next_due = now + delay
             metrics.delivery_outcome(o, c.rcpt_domain, c.created_at, now)  # metrics
-            updates.append(OutcomeUpdate(c.recipient_id, o, next_due))
+            updates.append(OutcomeUpdate(c.recipient_id, o, next_due, c.account_id))
         for attempt in range(20):
             try:
                 await self.store.record_outcomes(self.owner, updates)
@@ -305,6 +328,19 @@ class DeliveryWorker:
         if self._inflight:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release_leases(self.owner, sorted(self._inflight))
+
+
+def _sessions(claims: list[Claim], per_session: int) -> list[list[Claim]]:
+    """Split one destination's claims into sessions of at most ``per_session`` messages;
+    the recipients of one message stay together (one transaction, RFC 5321 §3.3)."""
+    by_message: dict[str, list[Claim]] = defaultdict(list)
+    for c in claims:
+        by_message[c.message_id].append(c)
+    groups = list(by_message.values())
+    return [
+        [c for g in groups[i : i + per_session] for c in g]
+        for i in range(0, len(groups), per_session)
+    ]
 
 
 def _header_from_domain(body: bytes) -> str:

@@ -19,7 +19,7 @@ from relay.model import Account, RecipientStatus, Stage, Verdict
 from relay.policy import reputation, warmup
 from relay.policy.engine import Request
 from relay.queue import limits as q
-from relay.queue.store import CounterAdd, NewRecipient, Store
+from relay.queue.store import CounterAdd, NewRecipient, RateTake, Store
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -409,38 +409,49 @@ class DailyQuota:
 
 
 class RateLimit:
-    """Seeds: 20 messages per second per account; a message to N recipients counts N."""
+    """Seeds: 20 messages per second per account; a message to N recipients counts N.
+
+    With ``in_accept`` (how relay serve runs it) the DATA check only lets the message
+    through and the SMTP path takes the tokens inside the accept transaction
+    (``take``/NewMessage.rate): one commit per message instead of two (issue 9). The
+    refusal, code and text are the same either way.
+    """
 
     name = "rate"
     stages = frozenset({Stage.DATA})
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, *, in_accept: bool = False) -> None:
         self.limits = limits
+        self.in_accept = in_accept
+
+    async def take(self, account: Account, n: int) -> RateTake:
+        """The tokens a message to ``n`` recipients takes in its accept transaction."""
+        acct = await self.limits.for_account(account)
+        interval = 1.0 / acct.rate
+        # one second of burst: the bucket holds `rate` tokens
+        return RateTake(
+            f"rate:{account.id}", interval, (acct.rate - 1) * interval, max(1, n), _rate_text(acct)
+        )
 
     async def __call__(self, request: Request) -> Verdict | None:
-        if request.account is None:
+        if request.account is None or self.in_accept:
             return None
-        acct = await self.limits.for_account(request.account)
-        n = max(1, len(request.recipients))
-        interval = 1.0 / acct.rate
+        r = await self.take(request.account, len(request.recipients))
         wait = await q.take_tokens(
-            self.limits.store,
-            f"rate:{request.account.id}",
-            self.limits.store.clock(),
-            interval,
-            # one second of burst: the bucket holds `rate` tokens
-            (acct.rate - 1) * interval,
-            n,
+            self.limits.store, r.key, self.limits.store.clock(), r.interval, r.tolerance, r.amount
         )
         if wait <= 0:
             return None
         return Verdict(
-            451,
-            "4.7.1",
-            f"Sending rate exceeded: at most {acct.rate} recipients per second for account"
-            f" {acct.name} (rate); retry in {max(wait, 0.001):.2f} s",
-            self.name,
+            451, "4.7.1", r.limit_text.replace("{wait}", f"{max(wait, 0.001):.2f}"), self.name
         )
+
+
+def _rate_text(acct: AccountLimits) -> str:
+    return (
+        f"Sending rate exceeded: at most {acct.rate} recipients per second for account"
+        f" {acct.name} (rate); retry in {{wait}} s"
+    )
 
 
 def limit_checks(

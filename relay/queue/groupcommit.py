@@ -44,23 +44,41 @@ class GroupCommitter:
 
     begin_write: BeginWrite
     max_batch: int = 256
+    # False on PostgreSQL: writers run concurrently there, and one transaction shared by
+    # unrelated writers holds every row lock until the batch commits, so two nodes'
+    # batches lock counter and lease rows in opposite orders and deadlock (seen with two
+    # nodes: a deadlock aborts only the savepoint, the batch keeps its locks).
+    batch: bool = True
     _queue: deque[_Job] = field(default_factory=deque)
     _task: asyncio.Task[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
+    async def write(self, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
         outer = _current.get()
         if outer is not None:
             async with outer.begin_nested():
                 yield outer
+            return
+        if not self.batch:
+            async with self.begin_write() as conn:
+                token = _current.set(conn)
+                try:
+                    yield conn
+                finally:
+                    _current.reset(token)
             return
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # A store used from a new event loop (CLI runs, tests) gets a fresh writer.
             self._loop, self._task, self._queue = loop, None, deque()
         job = _Job(loop.create_future(), loop.create_future(), loop.create_future())
-        self._queue.append(job)
+        if urgent:
+            # Delivery outcomes go first: the time between an MX's 250 and our COMMIT of
+            # "delivered" is the window in which a crash makes us deliver again.
+            self._queue.appendleft(job)
+        else:
+            self._queue.append(job)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         try:

@@ -22,7 +22,6 @@ from relay.queue.tables import (
     domain,
     event,
     limit_override,
-    limit_state,
     message,
     recipient,
     warmup_start,
@@ -32,15 +31,20 @@ from relay.queue.tables import (
 
 
 async def get_overrides(store: Store, scope: str, name: str) -> dict[str, str]:
-    async with store._read() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(limit_override.c.key, limit_override.c.value).where(
-                    limit_override.c.scope == scope, limit_override.c.name == name
+    async def load() -> dict[str, str]:
+        async with store._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(limit_override.c.key, limit_override.c.value).where(
+                        limit_override.c.scope == scope, limit_override.c.name == name
+                    )
                 )
-            )
-        ).all()
-    return {r.key: r.value for r in rows}
+            ).all()
+        return {r.key: r.value for r in rows}
+
+    # Cached (relay/queue/cache.py): `relay limits set` from the CLI applies within
+    # database.cache_seconds. A copy, so a caller editing it cannot change the cache.
+    return dict(await store.cache.fetch(("limit_override", scope, name), load))
 
 
 async def set_override(store: Store, scope: str, name: str, key: str, value: str | None) -> None:
@@ -75,42 +79,15 @@ async def set_domain_warmup(store: Store, name: str, enabled: bool) -> int:
 async def take_tokens(
     store: Store, key: str, now: float, interval: float, tolerance: float, amount: int
 ) -> float:
-    """Token bucket as GCRA: 0.0 if ``amount`` tokens were taken, else seconds to wait.
-
-    The state is one "theoretical arrival time" (TAT). A request is allowed while the
-    bucket is not in debt by more than ``tolerance`` (burst); a large message may then
-    overdraw it, and later ones wait until the debt is repaid, so the average rate holds.
-    Read-modify-write in one write transaction: BEGIN IMMEDIATE on SQLite, a row lock
-    (SELECT ... FOR UPDATE) on PostgreSQL, so processes sharing the database agree.
-    """
+    """Token bucket as GCRA (dialect.gcra_take) in a write transaction of its own: 0.0 if
+    ``amount`` tokens were taken, else seconds to wait. The SMTP path takes its tokens in
+    the accept transaction instead (NewMessage.rate), saving one commit per message."""
     async with store._write() as conn:
         # ``now`` was read before waiting for the write lock; under contention that wait
         # can exceed the burst tolerance, and a stale ``now`` then refuses a sender far
         # below its rate. The lock holder's clock is the one that orders the bucket.
         now = max(now, store.clock())
-        if store.dialect == "postgresql":
-            from sqlalchemy.dialects import postgresql
-
-            await conn.execute(
-                postgresql.insert(limit_state)
-                .values(key=key, value=0.0)
-                .on_conflict_do_nothing(index_elements=[limit_state.c.key])
-            )
-        q = sa.select(limit_state.c.value).where(limit_state.c.key == key)
-        if store.dialect == "postgresql":
-            q = q.with_for_update()
-        tat = (await conn.execute(q)).scalar()
-        start = max(float(tat or 0.0), now)
-        if start - now > tolerance:
-            return start - now - tolerance
-        new_tat = start + amount * interval
-        if tat is None:
-            await conn.execute(limit_state.insert().values(key=key, value=new_tat))
-        else:
-            await conn.execute(
-                limit_state.update().where(limit_state.c.key == key).values(value=new_tat)
-            )
-    return 0.0
+        return await dialect.gcra_take(conn, store.dialect, key, now, interval, tolerance, amount)
 
 
 # ------------------------------------------------------------------ counters
@@ -159,15 +136,18 @@ class LevelRow:
 
 
 async def get_level(store: Store, account_id: int) -> LevelRow | None:
-    async with store._read() as conn:
-        row = (
-            await conn.execute(
-                sa.select(account_level).where(account_level.c.account_id == account_id)
-            )
-        ).first()
-    if row is None:
-        return None
-    return LevelRow(row.level, row.changed_at, row.evaluated_day, row.why)
+    async def load() -> LevelRow | None:
+        async with store._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(account_level).where(account_level.c.account_id == account_id)
+                )
+            ).first()
+        if row is None:
+            return None
+        return LevelRow(row.level, row.changed_at, row.evaluated_day, row.why)
+
+    return await store.cache.fetch(("account_level", account_id), load)
 
 
 async def set_level(
@@ -229,13 +209,17 @@ async def delivery_stats(store: Store, account_id: int, since: float) -> tuple[i
 
 
 async def get_warmup_start(store: Store, domain_name: str) -> str | None:
-    async with store._read() as conn:
-        found: str | None = (
-            await conn.execute(
-                sa.select(warmup_start.c.first_day).where(warmup_start.c.domain == domain_name)
-            )
-        ).scalar()
-    return found
+    async def load() -> str | None:
+        async with store._read() as conn:
+            found: str | None = (
+                await conn.execute(
+                    sa.select(warmup_start.c.first_day).where(warmup_start.c.domain == domain_name)
+                )
+            ).scalar()
+        return found
+
+    # Day 1 never changes once recorded (only `relay limits warmup` resets it).
+    return await store.cache.fetch(("warmup_start", domain_name), load, lambda v: v is not None)
 
 
 async def ensure_warmup_start(store: Store, domain_name: str, today: str) -> str:

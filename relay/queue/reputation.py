@@ -420,6 +420,16 @@ async def report_counts(store: Store) -> dict[str, int]:
 
 
 async def account_state(store: Store, account_id: int) -> AccountState | None:
+    # Cached only while not suspended (relay/queue/cache.py): a resume from the CLI
+    # applies to the next message; a suspension by another process within the TTL.
+    return await store.cache.fetch(
+        ("account_state", account_id),
+        lambda: _load_account_state(store, account_id),
+        lambda s: s is not None and s.status is AccountStatus.ACTIVE,
+    )
+
+
+async def _load_account_state(store: Store, account_id: int) -> AccountState | None:
     async with store._read() as conn:
         row = (
             await conn.execute(

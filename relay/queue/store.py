@@ -33,7 +33,8 @@ from relay.model import (
     Outcome,
     RecipientStatus,
 )
-from relay.queue import dialect
+from relay.queue import dialect, sqlite_driver
+from relay.queue.cache import RowCache
 from relay.queue.groupcommit import GroupCommitter
 from relay.queue.tables import (
     account,
@@ -70,6 +71,30 @@ class NewMessage:
     client: str = ""
     # Counters incremented inside the accept transaction (rate windows, quotas, warm-up).
     counters: tuple[CounterAdd, ...] = ()
+    # The rate-limit tokens, taken inside the accept transaction (one commit, not two).
+    rate: RateTake | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateTake:
+    """GCRA tokens the accept transaction takes (dialect.gcra_take); when the bucket is
+    in debt the accept fails with RateLimited and nothing is committed."""
+
+    key: str
+    interval: float
+    tolerance: float
+    amount: int
+    # The refusal text; "{wait}" becomes the seconds to wait.
+    limit_text: str = ""
+
+
+class RateLimited(Exception):
+    """The accept's rate take found the bucket in debt; nothing was committed."""
+
+    def __init__(self, text: str, wait: float) -> None:
+        super().__init__(text)
+        self.text = text
+        self.wait = wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +123,8 @@ class OutcomeUpdate:
     recipient_id: int
     outcome: Outcome
     next_due: float | None = None  # for deferred
+    # The message's account (from the Claim): saves a read per outcome when known.
+    account_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +197,13 @@ def _transient(exc: BaseException) -> bool:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, node_id: str = "", clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        node_id: str = "",
+        clock: Clock = time.time,
+        cache_seconds: float = 0.0,
+    ) -> None:
         self.engine = engine
         self.node_id = node_id
         self.clock = clock
@@ -178,13 +211,19 @@ class Store:
         # SQLite has one writer at a time and each COMMIT costs an fsync: writers of this
         # process queue (FIFO, no busy_timeout polling) and share commits. Other
         # processes (CLI, other nodes) still meet busy_timeout / row locks.
-        self._committer = GroupCommitter(self._begin_write)
+        self._committer = GroupCommitter(self._begin_write, batch=self.dialect == "sqlite")
+        # Slow-changing rows read per message (accounts, domains, limits): see cache.py.
+        self.cache = RowCache(cache_seconds)
+        if self.cache.enabled:
+            self.cache.watch(engine)
 
     @classmethod
     def open(cls, db: DatabaseConfig, node_id: str = "", clock: Clock = time.time) -> Store:
         kwargs: dict[str, Any] = {}
         if db.is_sqlite:
             kwargs["connect_args"] = {"timeout": db.statement_timeout}
+            # One trip to aiosqlite's thread per statement, not four (sqlite_driver.py).
+            kwargs["module"] = sqlite_driver.dbapi()
         else:
             kwargs["pool_size"] = db.pool_size
             kwargs["pool_pre_ping"] = True
@@ -198,7 +237,7 @@ class Store:
         engine = create_async_engine(db.url, **kwargs)
         if db.is_sqlite:
             dialect.configure_sqlite(engine)
-        return cls(engine, node_id=node_id, clock=clock)
+        return cls(engine, node_id=node_id, clock=clock, cache_seconds=db.cache_seconds)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -206,10 +245,10 @@ class Store:
     # ------------------------------------------------------------------ transactions
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+    async def _write(self, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
         """One write block; concurrent blocks share a COMMIT (see groupcommit.py)."""
         try:
-            async with self._committer.write() as conn:
+            async with self._committer.write(urgent) as conn:
                 yield conn
         except StoreUnavailable:
             raise
@@ -217,6 +256,9 @@ class Store:
             if not _transient(exc):
                 raise
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        finally:
+            # After COMMIT: drop cached rows this block (or its batch) changed.
+            self.cache.after_write()
 
     @asynccontextmanager
     async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
@@ -299,18 +341,29 @@ class Store:
         return self._account(row), row.password_hash
 
     async def get_account(self, name: str) -> Account:
-        async with self._read() as conn:
-            row = (await conn.execute(sa.select(account).where(account.c.name == name))).first()
-        if row is None:
+        async def load() -> Account | None:
+            async with self._read() as conn:
+                q = sa.select(account).where(account.c.name == name)
+                row = (await conn.execute(q)).first()
+            return None if row is None else self._account(row)
+
+        # Only active accounts are cached: a resume from the CLI applies at once.
+        found = await self.cache.fetch(("account", name), load, _active)
+        if found is None:
             raise NotFound(f"no account named {name!r}")
-        return self._account(row)
+        return found
 
     async def get_account_by_id(self, account_id: int) -> Account:
-        async with self._read() as conn:
-            row = (await conn.execute(sa.select(account).where(account.c.id == account_id))).first()
-        if row is None:
+        async def load() -> Account | None:
+            async with self._read() as conn:
+                q = sa.select(account).where(account.c.id == account_id)
+                row = (await conn.execute(q)).first()
+            return None if row is None else self._account(row)
+
+        found = await self.cache.fetch(("account_id", account_id), load, _active)
+        if found is None:
             raise NotFound(f"no account with id {account_id}")
-        return self._account(row)
+        return found
 
     async def list_accounts(self) -> list[Account]:
         async with self._read() as conn:
@@ -385,11 +438,16 @@ class Store:
         )
 
     async def get_domain(self, name: str) -> Domain | None:
-        async with self._read() as conn:
-            row = (
-                await conn.execute(sa.select(domain).where(domain.c.name == name.lower()))
-            ).first()
-        return None if row is None else self._domain(row)
+        async def load() -> Domain | None:
+            async with self._read() as conn:
+                row = (
+                    await conn.execute(sa.select(domain).where(domain.c.name == name.lower()))
+                ).first()
+            return None if row is None else self._domain(row)
+
+        # Only verified domains are cached: `relay domain verify` in another process
+        # lets a pending domain send with the very next message.
+        return await self.cache.fetch(("domain", name.lower()), load, _verified)
 
     async def list_domains(self) -> list[tuple[Domain, str, float | None]]:
         """Every domain with its account name and last check time."""
@@ -419,6 +477,22 @@ class Store:
         """The accept transaction: message, one row per recipient, events, all or nothing."""
         now = self.clock()
         async with self._write() as conn:
+            if msg.rate is not None:
+                take = msg.rate
+                # The lock holder's clock orders the bucket (see limits.take_tokens).
+                taken_at = max(now, self.clock())
+                wait = await dialect.gcra_take(
+                    conn,
+                    self.dialect,
+                    take.key,
+                    taken_at,
+                    take.interval,
+                    take.tolerance,
+                    take.amount,
+                )
+                if wait > 0:
+                    text = take.limit_text.replace("{wait}", f"{max(wait, 0.001):.2f}")
+                    raise RateLimited(text, wait)
             await conn.execute(
                 message.insert().values(
                     id=msg.id,
@@ -610,14 +684,22 @@ class Store:
         if not ids:
             return 0
         now = self.clock()
+        # SKIP LOCKED (PostgreSQL): a row locked right now is having its outcome recorded
+        # by this node; waiting for it would deadlock against record_outcomes, which locks
+        # the same rows in another order. SQLite ignores the clause (one writer anyway).
+        mine = (
+            sa.select(recipient.c.id)
+            .where(
+                recipient.c.id.in_(list(ids)),
+                recipient.c.lease_owner == owner,
+                recipient.c.status == RecipientStatus.SENDING.value,
+            )
+            .with_for_update(skip_locked=True)
+        )
         async with self._write() as conn:
             res = await conn.execute(
                 recipient.update()
-                .where(
-                    recipient.c.id.in_(list(ids)),
-                    recipient.c.lease_owner == owner,
-                    recipient.c.status == RecipientStatus.SENDING.value,
-                )
+                .where(recipient.c.id.in_(mine.scalar_subquery()))
                 .values(due_at=now + lease_seconds)
             )
         return int(res.rowcount)
@@ -656,8 +738,9 @@ class Store:
         """Write attempt results and their events; rows whose lease we lost are skipped."""
         now = self.clock()
         written = 0
-        async with self._write() as conn:
-            for u in updates:
+        async with self._write(urgent=True) as conn:
+            # Ascending id: the lock order every multi-row writer of recipient uses.
+            for u in sorted(updates, key=lambda u: u.recipient_id):
                 o = u.outcome
                 values: dict[str, Any] = {
                     "status": o.status.value,
@@ -684,11 +767,13 @@ class Store:
                 if row is None:
                     continue
                 written += 1
-                acct = (
-                    await conn.execute(
-                        sa.select(message.c.account_id).where(message.c.id == row.message_id)
-                    )
-                ).scalar()
+                acct = u.account_id
+                if acct is None:
+                    acct = (
+                        await conn.execute(
+                            sa.select(message.c.account_id).where(message.c.id == row.message_id)
+                        )
+                    ).scalar()
                 kind = {
                     RecipientStatus.DELIVERED: EventKind.DELIVERED,
                     RecipientStatus.DEFERRED: EventKind.DEFERRED,
@@ -869,6 +954,14 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(counter.delete().where(counter.c.expires_at < self.clock()))
         return int(res.rowcount)
+
+
+def _active(a: Account | None) -> bool:
+    return a is not None and a.status is AccountStatus.ACTIVE
+
+
+def _verified(d: Domain | None) -> bool:
+    return d is not None and d.status is DomainStatus.VERIFIED
 
 
 _FINAL = (

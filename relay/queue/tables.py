@@ -13,7 +13,9 @@ metadata = sa.MetaData()
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-#: Bumped whenever the schema changes; `relay serve` refuses a database at another version.
+#: Informational only. The schema version that `relay serve` checks is the Alembic
+#: revision (relay/migrations, relay/queue/migrate.py): a schema change after the first
+#: release is a new revision with explicit op.* changes, not an edit here.
 SCHEMA_VERSION = 1
 
 schema_meta = sa.Table(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import math
+import secrets
+import time
 from dataclasses import dataclass
 
 from relay.config import SMTPConfig
@@ -29,10 +33,38 @@ class AuthDecision:
         return self.account is not None
 
 
+# A successful scrypt verification is remembered this long (seconds), like Dovecot's
+# auth_cache: scrypt costs ~50 ms of CPU by design, and a client opening a connection
+# per message would pay it every time (issue 9). The entry is a keyed hash of the login,
+# the password AND the stored hash, so a password change (new stored hash, read fresh
+# from the database on every AUTH) invalidates it at once. Failures are never cached.
+_VERIFIED_SECONDS = 300.0
+_VERIFIED_MAX = 10_000
+
+
 class Authenticator:
     def __init__(self, store: Store, cfg: SMTPConfig) -> None:
         self.store = store
         self.cfg = cfg
+        self._secret = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
+
+    def _proof(self, login: str, password: str, stored: str) -> bytes:
+        msg = b"\0".join((login.encode(), password.encode(), stored.encode()))
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()
+
+    async def _check(self, login: str, password: str, stored: str) -> bool:
+        proof = self._proof(login, password, stored)
+        now = time.monotonic()
+        until = self._verified.get(proof)
+        if until is not None and until > now:
+            return True
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if ok:
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[proof] = now + _VERIFIED_SECONDS
+        return ok
 
     def _key(self, ip: str) -> str:
         return f"authfail:{ip}"
@@ -58,7 +90,7 @@ class Authenticator:
             )
         found = await self.store.account_credentials(login)
         stored = found[1] if found else DUMMY_HASH
-        ok = await asyncio.to_thread(verify_password, password, stored)
+        ok = await self._check(login, password, stored)
         if found is None or not ok:
             now = self.store.clock()
             window = now - now % _BUCKET

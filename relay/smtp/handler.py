@@ -15,7 +15,7 @@ from relay.errors import StoreUnavailable
 from relay.intake import Intake, ParsedMessage, parse
 from relay.model import Account, Stage, Verdict
 from relay.policy.engine import Policy, Request
-from relay.queue.store import NewRecipient
+from relay.queue.store import NewRecipient, RateLimited
 from relay.smtp.auth import AuthDecision, Authenticator
 from relay.smtp.trusted import TrustedNetworks
 
@@ -172,6 +172,12 @@ class SMTPHandler:
                 client_ip=_ip(session),
                 protocol=protocol,
             )
+        except RateLimited as exc:
+            # The rate tokens are taken in the accept transaction; nothing was committed.
+            verdict = Verdict(451, "4.7.1", exc.text, "rate")
+            self._log_refusal(session, envelope.mail_from, None, verdict, Stage.DATA)
+            metrics.smtp_transaction(self.listener, "refused", started)  # metrics
+            return verdict.reply
         except Exception as exc:
             # Nothing was committed (the accept is one transaction): a temporary refusal
             # makes the client keep the message and try again.

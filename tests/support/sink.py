@@ -230,7 +230,7 @@ class SMTPSink:
                 for task in asyncio.all_tasks(loop):
                     task.cancel()
                 with contextlib.suppress(BaseException):
-                    loop.run_until_complete(asyncio.sleep(0))
+                    loop.run_until_complete(asyncio.sleep(0.01))
                 loop.close()
 
         self._loop = loop
@@ -256,6 +256,12 @@ class SMTPSink:
                 live = list(self._live)
             for proto in live:
                 proto.abort()
+            # Let each connection_lost run (TLS connections take a few loop turns).
+            for _ in range(100):
+                with self._lock:
+                    if not self._live:
+                        break
+                await asyncio.sleep(0.02)
             if self._server is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._server.wait_closed(), 5)

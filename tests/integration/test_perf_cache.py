@@ -1,0 +1,158 @@
+"""Issue 9 (performance): the row cache, the rate take inside the accept transaction, and
+the remembered AUTH verification, against a real SQLite database."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import DatabaseConfig, LimitsConfig, SMTPConfig
+from relay.intake import Intake, parse
+from relay.model import Account, AccountStatus, DomainStatus
+from relay.passwords import hash_password
+from relay.policy.limits import Limits, RateLimit
+from relay.queue import limits as q
+from relay.queue import reputation as rq
+from relay.queue.store import NewRecipient, RateLimited, Store
+from relay.smtp.auth import Authenticator
+
+T0 = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def open_store(path: Path, clock: Clock, cache_seconds: float = 5.0) -> Store:
+    url = f"sqlite+aiosqlite:///{path}"
+    store = Store.open(DatabaseConfig(url=url, cache_seconds=cache_seconds), "t", clock)
+    await store.migrate()
+    return store
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+async def stores(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[Store, Store]]:
+    """The server's store and a second one on the same file standing in for the CLI."""
+    server = await open_store(tmp_path / "relay.db", clock)
+    cli = await open_store(tmp_path / "relay.db", clock, cache_seconds=0)
+    yield server, cli
+    await server.close()
+    await cli.close()
+
+
+async def sender(store: Store) -> Account:
+    acct = await store.add_account("alice", hash_password("secret-1"))
+    await store.add_domain("example.com", acct.id, "relay", "k", verified=True, warmup=False)
+    return acct
+
+
+async def test_repeated_reads_are_served_from_the_cache_and_own_writes_show_at_once(
+    stores: tuple[Store, Store],
+) -> None:
+    server, _cli = stores
+    acct = await sender(server)
+    assert await q.get_overrides(server, "account", "alice") == {}
+    misses = server.cache.misses
+    for _ in range(5):
+        assert await q.get_overrides(server, "account", "alice") == {}
+        assert (await server.get_account_by_id(acct.id)).name == "alice"
+    assert server.cache.misses == misses + 1  # the account; the overrides were cached
+    await q.set_override(server, "account", "alice", "rate", "3")
+    assert await q.get_overrides(server, "account", "alice") == {"rate": "3"}
+
+
+async def test_another_process_change_shows_after_the_ttl(stores: tuple[Store, Store]) -> None:
+    server, cli = stores
+    await sender(server)
+    now = [100.0]
+    server.cache.clock = lambda: now[0]
+    assert await q.get_overrides(server, "account", "alice") == {}
+    await q.set_override(cli, "account", "alice", "rate", "3")
+    assert await q.get_overrides(server, "account", "alice") == {}  # within cache_seconds
+    now[0] += 5.1
+    assert await q.get_overrides(server, "account", "alice") == {"rate": "3"}
+
+
+async def test_verifying_a_domain_or_resuming_an_account_elsewhere_applies_at_once(
+    stores: tuple[Store, Store],
+) -> None:
+    server, cli = stores
+    acct = await server.add_account("bob", "x")
+    await server.add_domain("pending.example", acct.id, "relay", "k")
+    d = await server.get_domain("pending.example")
+    assert d is not None and d.status is DomainStatus.PENDING
+    await cli.set_domain_status("pending.example", DomainStatus.VERIFIED)
+    d = await server.get_domain("pending.example")
+    assert d is not None and d.status is DomainStatus.VERIFIED
+
+    assert await rq.suspend(cli, acct.id, "bounce rate", {})
+    state = await rq.account_state(server, acct.id)
+    assert state is not None and state.status is AccountStatus.SUSPENDED
+    await rq.resume(cli, acct.id)
+    state = await rq.account_state(server, acct.id)
+    assert state is not None and state.status is AccountStatus.ACTIVE
+
+
+async def test_rate_tokens_are_taken_in_the_accept_transaction_and_a_refusal_commits_nothing(
+    stores: tuple[Store, Store],
+) -> None:
+    server, _cli = stores
+    acct = await sender(server)
+    limits = Limits(LimitsConfig(), server)
+    check = RateLimit(limits, in_accept=True)
+    intake = Intake(server, "relay.test", clock=server.clock)
+    intake.planner = limits
+
+    async def take(account_id: int, n: int) -> object:
+        return await check.take(await server.get_account_by_id(account_id), n)
+
+    intake.rate = take  # type: ignore[assignment]
+
+    async def submit() -> str:
+        return await intake.accept(
+            account_id=acct.id,
+            mail_from="a@example.com",
+            recipients=[NewRecipient("x@example.org")],
+            parsed=parse(b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n"),
+            helo="client",
+            client_ip="127.0.0.1",
+            protocol="ESMTPSA",
+        )
+
+    for _ in range(20):  # the default 20 per second, one second of burst
+        await submit()
+    with pytest.raises(RateLimited) as exc:
+        await submit()
+    assert "at most 20 recipients per second" in exc.value.text
+    assert "retry in 0.05 s" in exc.value.text
+    assert await server.queue_counts() == {"queued": 20}
+    server.clock.now += 0.05  # type: ignore[attr-defined]
+    await submit()
+    assert await server.queue_counts() == {"queued": 21}
+
+
+async def test_auth_remembers_a_verified_password_until_it_changes(
+    stores: tuple[Store, Store],
+) -> None:
+    server, cli = stores
+    await sender(server)
+    auth = Authenticator(server, SMTPConfig())
+    assert (await auth.verify("alice", "secret-1", "127.0.0.1")).ok
+    assert len(auth._verified) == 1
+    assert (await auth.verify("alice", "secret-1", "127.0.0.1")).ok
+    assert not (await auth.verify("alice", "wrong", "127.0.0.1")).ok
+    await cli.set_password("alice", hash_password("secret-2"))
+    assert not (await auth.verify("alice", "secret-1", "127.0.0.1")).ok
+    assert (await auth.verify("alice", "secret-2", "127.0.0.1")).ok
