@@ -88,7 +88,9 @@ def set_level(level: str) -> None:
     # aiosmtpd logs every command line at INFO and AUTH exchanges at DEBUG (base64
     # credentials): keep it at WARNING whatever relay's own level is; relay writes its
     # own one line per transaction.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Its per-session warnings (AUTH-without-TLS: we enforce TLS for AUTH ourselves;
+    # login_data deprecation) would print on every connection, so only errors pass.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def setup_logging(level: str = "info", fmt: str = "keyvalue") -> None:

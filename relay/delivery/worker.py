@@ -18,13 +18,15 @@ from relay import metrics
 from relay.config import DeliveryConfig
 from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
+from relay.delivery.dsn import build_dsn
 from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
 from relay.delivery.render import Rendered
 from relay.delivery.render import Renderer as ReputationRenderer
 from relay.errors import StoreUnavailable
+from relay.intake import new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
 from relay.queue.retry import is_expired, next_delay
-from relay.queue.store import OutcomeUpdate, Store
+from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
 
 log = logging.getLogger("relay.delivery")
 
@@ -307,12 +309,53 @@ class DeliveryWorker:
                 await asyncio.sleep(min(5.0, 0.5 * (attempt + 1)))
         else:
             return
+        if self.cfg.dsn:
+            try:
+                await self._send_dsns(claims, {u.recipient_id: u.outcome for u in updates})
+            except Exception:
+                # The outcome is recorded and its event emitted; a lost DSN is logged.
+                log.exception("queueing a DSN failed")
         if self.after_outcomes is not None:
             try:
                 await self.after_outcomes(claims, {u.recipient_id: u.outcome for u in updates})
             except Exception:
                 # Bounce bookkeeping (blocklist, suspension) never blocks delivery.
                 log.exception("after-outcome processing failed")
+
+    async def _send_dsns(self, claims: list[Claim], outcomes: dict[int, Outcome]) -> None:
+        """delivery.dsn: queue one RFC 3464 DSN per message for its final failures."""
+        failed: dict[str, list[tuple[Claim, Outcome]]] = defaultdict(list)
+        for c in claims:
+            o = outcomes.get(c.recipient_id)
+            # Never a DSN about a DSN (null sender): RFC 5321 §4.5.5.
+            if o is not None and o.status in _FINAL_FAILURES and c.mail_from:
+                failed[c.message_id].append((c, o))
+        for message_id, items in failed.items():
+            first = items[0][0]
+            original, _mail_from, _account = await self.store.message_for_delivery(message_id)
+            body = build_dsn(
+                reporting_mta=self.cfg.helo_name,
+                sender=first.mail_from,
+                original=original,
+                failures=[(c.address, o) for c, o in items],
+                arrival=first.created_at,
+                now=self.clock(),
+            )
+            qid = new_queue_id(self.clock())
+            await self.store.accept(
+                NewMessage(
+                    id=qid,
+                    account_id=first.account_id,
+                    mail_from="",
+                    body=body,
+                    recipients=(NewRecipient(first.mail_from),),
+                    header_from=f"MAILER-DAEMON@{self.cfg.helo_name}",
+                    subject="Undelivered Mail Returned to Sender",
+                )
+            )
+            log.info("dsn qid=%s for=%s to=<%s>", qid, message_id, first.mail_from)
+        if failed:
+            self.wake()
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let in-flight attempts finish within ``grace`` seconds."""
@@ -328,6 +371,9 @@ class DeliveryWorker:
         if self._inflight:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release_leases(self.owner, sorted(self._inflight))
+
+
+_FINAL_FAILURES = (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED)
 
 
 def _sessions(claims: list[Claim], per_session: int) -> list[list[Claim]]:
