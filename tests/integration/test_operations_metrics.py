@@ -74,8 +74,15 @@ async def test_metrics_count_a_scripted_scenario(make_relay: MakeRelay, sink: SM
         assert refused.value.code == 535
     sink.wait_for(2)
     relay.wait_for_log(r"status=bounced")
-
+    # Outcomes are committed just after the MX answers: wait until none is in flight.
+    deadline = time.monotonic() + 20
     m = scrape(f"{relay.http_url}/metrics")
+    while time.monotonic() < deadline and (
+        value(m, "relay_queue_recipients", status="sending")
+        or value(m, "relay_delivery_latency_seconds_count", provider="other") < 2
+    ):
+        await asyncio.sleep(0.2)
+        m = scrape(f"{relay.http_url}/metrics")
     assert value(m, "relay_messages_accepted_total", listener="submission") == 2
     assert value(m, "relay_recipients_accepted_total", listener="submission") == 3
     assert value(m, "relay_smtp_transactions_total", listener="submission", outcome="queued") == 2

@@ -156,3 +156,37 @@ async def test_auth_remembers_a_verified_password_until_it_changes(
     await cli.set_password("alice", hash_password("secret-2"))
     assert not (await auth.verify("alice", "secret-1", "127.0.0.1")).ok
     assert (await auth.verify("alice", "secret-2", "127.0.0.1")).ok
+
+
+async def test_one_trip_driver_reports_rows_rowcount_lastrowid_and_errors(
+    stores: tuple[Store, Store],
+) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.exc import IntegrityError
+
+    from relay.queue.sqlite_driver import OneTripCursor
+
+    server, _cli = stores
+    async with server._write() as conn:
+        raw = await conn.get_raw_connection()
+        assert getattr(raw.dbapi_connection, "_cursor_cls", None) is OneTripCursor
+        await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+        res = await conn.execute(sa.text("INSERT INTO t (v) VALUES (:v)"), [{"v": "a"}, {"v": "b"}])
+        assert res.rowcount == 2
+        res = await conn.execute(sa.text("INSERT INTO t (v) VALUES ('c')"))
+        assert res.lastrowid == 3
+        res = await conn.execute(sa.text("UPDATE t SET v = v || 'x' WHERE id < 3"))
+        assert res.rowcount == 2
+        res = await conn.execute(sa.text("UPDATE t SET v = 'z' WHERE id = 3 RETURNING id, v"))
+        assert [tuple(r) for r in res] == [(3, "z")]
+    async with server._read() as conn:
+        rows = (await conn.execute(sa.text("SELECT id, v FROM t ORDER BY id"))).all()
+        assert [tuple(r) for r in rows] == [(1, "ax"), (2, "bx"), (3, "z")]
+        assert (await conn.execute(sa.text("SELECT v FROM t WHERE id = 9"))).first() is None
+    with pytest.raises(IntegrityError):
+        async with server._write() as conn:
+            await conn.execute(sa.text("INSERT INTO t (v) VALUES ('z')"))
+    # A failed block returns before its batch's writer has finished; the next write
+    # waits for it, so the store closes with every connection back in the pool.
+    async with server._write() as conn:
+        await conn.execute(sa.text("INSERT INTO t (v) VALUES ('w')"))
