@@ -64,8 +64,9 @@ def account_name_for(networks: tuple[TrustedNetwork, ...], ip: str) -> str | Non
 
 
 class TrustedNetworks:
-    """Resolves a client address to the Account it sends as (a fresh read per session, so
-    a suspension or deletion takes effect for the next session at once)."""
+    """Resolves a client address to the Account it sends as, read per session through the
+    store's row cache: a suspension made by this process applies to the next session at
+    once, one made by another process within ``database.cache_seconds``."""
 
     def __init__(self, store: Store, mapping: Mapping[str, str]) -> None:
         self.store = store
