@@ -44,7 +44,12 @@ def configure_sqlite(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        if conn.get_execution_options().get("readonly"):
+        options = conn.get_execution_options()
+        if options.get("single"):
+            # One SELECT: SQLite runs it on one snapshot by itself; no BEGIN, no COMMIT
+            # (Store._read(single=True)); saves two trips to the SQLite thread per read.
+            return
+        if options.get("readonly"):
             conn.exec_driver_sql("BEGIN")
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -69,26 +74,64 @@ async def gcra_take(
     (PostgreSQL SELECT ... FOR UPDATE), so processes sharing the database agree.
     """
     if dialect_name == "postgresql":
-        await conn.execute(
-            postgresql.insert(limit_state)
-            .values(key=key, value=0.0)
-            .on_conflict_do_nothing(index_elements=[limit_state.c.key])
-        )
-    q = sa.select(limit_state.c.value).where(limit_state.c.key == key)
-    if dialect_name == "postgresql":
-        q = q.with_for_update()
-    tat = (await conn.execute(q)).scalar()
+        await conn.execute(_GCRA_ENSURE_PG, {"key": key, "value": 0.0})
+    q = _GCRA_SELECT_PG if dialect_name == "postgresql" else _GCRA_SELECT
+    tat = (await conn.execute(q, {"k": key})).scalar()
     start = max(float(tat or 0.0), now)
     if start - now > tolerance:
         return start - now - tolerance
     new_tat = start + amount * interval
     if tat is None:
-        await conn.execute(limit_state.insert().values(key=key, value=new_tat))
+        await conn.execute(_GCRA_INSERT, {"key": key, "value": new_tat})
     else:
-        await conn.execute(
-            limit_state.update().where(limit_state.c.key == key).values(value=new_tat)
-        )
+        await conn.execute(_GCRA_UPDATE, {"k": key, "v": new_tat})
     return 0.0
+
+
+# Statements run per message, built once (issue 9: building a statement and its cache key
+# per call cost more CPU than running it on SQLite).
+_GCRA_ENSURE_PG = postgresql.insert(limit_state).on_conflict_do_nothing(
+    index_elements=[limit_state.c.key]
+)
+_GCRA_SELECT = sa.select(limit_state.c.value).where(limit_state.c.key == sa.bindparam("k"))
+_GCRA_SELECT_PG = _GCRA_SELECT.with_for_update()
+_GCRA_INSERT = limit_state.insert()
+_GCRA_UPDATE = (
+    limit_state.update()
+    .where(limit_state.c.key == sa.bindparam("k"))
+    .values(value=sa.bindparam("v"))
+)
+
+
+def _counter_add_stmt(dialect_name: str) -> Any:
+    ins: Any
+    ins = postgresql.insert(counter) if dialect_name == "postgresql" else sqlite.insert(counter)
+    stmt = ins.values(
+        key=sa.bindparam("c_key"),
+        window_start=sa.bindparam("c_window"),
+        value=sa.bindparam("c_amount"),
+        expires_at=sa.bindparam("c_expires"),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[counter.c.key, counter.c.window_start],
+        set_={
+            "value": counter.c.value + stmt.excluded.value,
+            "expires_at": stmt.excluded.expires_at,
+        },
+    )
+    return stmt.returning(counter.c.value)
+
+
+_COUNTER_ADD = {name: _counter_add_stmt(name) for name in ("sqlite", "postgresql")}
+
+
+async def counter_add(
+    conn: AsyncConnection, dialect_name: str, key: str, window: float, amount: int, expires: float
+) -> int:
+    """``counter_upsert`` with a statement built once: the new value of (key, window)."""
+    params = {"c_key": key, "c_window": window, "c_amount": amount, "c_expires": expires}
+    res = await conn.execute(_COUNTER_ADD[dialect_name], params)
+    return int(res.scalar_one())
 
 
 def counter_upsert(dialect_name: str, key: str, window: float, amount: int, expires: float) -> Any:

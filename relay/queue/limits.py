@@ -93,16 +93,19 @@ async def take_tokens(
 # ------------------------------------------------------------------ counters
 
 
+# Read per message (daily quota) and per RCPT (per-recipient rate): built once, not per
+# call (issue 9: building a statement and its cache key costs more than running it).
+_COUNTER_WINDOWS = (
+    sa.select(counter.c.window_start, counter.c.value)
+    .where(counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since"))
+    .order_by(counter.c.window_start)
+)
+
+
 async def counter_windows(store: Store, key: str, since: float) -> list[tuple[float, int]]:
     """(window_start, value) of one key since ``since``, oldest first."""
-    async with store._read() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(counter.c.window_start, counter.c.value)
-                .where(counter.c.key == key, counter.c.window_start >= since)
-                .order_by(counter.c.window_start)
-            )
-        ).all()
+    async with store._read(single=True) as conn:
+        rows = (await conn.execute(_COUNTER_WINDOWS, {"key": key, "since": since})).all()
     return [(float(r.window_start), int(r.value)) for r in rows]
 
 

@@ -187,9 +187,33 @@ async def blocklist_add(
     return now + days * DAY
 
 
+# Read per RCPT: built once (issue 9). The address is the primary key: one row at most.
+_BLOCKLIST_GET = (
+    sa.select(blocklist, account.c.name.label("account_name"))
+    .select_from(blocklist.outerjoin(account, account.c.id == blocklist.c.account_id))
+    .where(
+        blocklist.c.expires_at > sa.bindparam("now"),
+        blocklist.c.address == sa.bindparam("address"),
+    )
+)
+
+
 async def blocklist_get(store: Store, address: str) -> BlockEntry | None:
-    entries = await blocklist_list(store, exact=_norm(address))
-    return entries[0] if entries else None
+    params = {"now": store.clock(), "address": _norm(address)}
+    async with store._read(single=True) as conn:
+        r = (await conn.execute(_BLOCKLIST_GET, params)).first()
+    if r is None:
+        return None
+    return BlockEntry(
+        r.address,
+        r.reason,
+        r.source,
+        r.account_id,
+        r.account_name,
+        r.message_id,
+        r.created_at,
+        r.expires_at,
+    )
 
 
 async def blocklist_list(
@@ -213,7 +237,7 @@ async def blocklist_list(
         q = q.where(blocklist.c.address.contains(search.lower(), autoescape=True))
     if account_id is not None:
         q = q.where(blocklist.c.account_id == account_id)
-    async with store._read() as conn:
+    async with store._read(single=True) as conn:
         rows = (await conn.execute(q)).all()
     return [
         BlockEntry(
@@ -328,9 +352,20 @@ async def suppression_add(
     return True
 
 
+# Read per RCPT: built once (issue 9). (domain, address) is the primary key.
+_SUPPRESSION_GET = sa.select(suppression).where(
+    suppression.c.domain == sa.bindparam("domain"),
+    suppression.c.address == sa.bindparam("address"),
+)
+
+
 async def suppression_get(store: Store, domain: str, address: str) -> Suppression | None:
-    found = await suppression_list(store, domain=domain, exact=_norm(address))
-    return found[0] if found else None
+    params = {"domain": domain.lower().rstrip("."), "address": _norm(address)}
+    async with store._read(single=True) as conn:
+        r = (await conn.execute(_SUPPRESSION_GET, params)).first()
+    if r is None:
+        return None
+    return Suppression(r.domain, r.address, r.reason, r.account_id, r.created_at)
 
 
 async def suppression_list(
@@ -348,7 +383,7 @@ async def suppression_list(
         q = q.where(suppression.c.address == exact)
     if search:
         q = q.where(suppression.c.address.contains(search.lower(), autoescape=True))
-    async with store._read() as conn:
+    async with store._read(single=True) as conn:
         rows = (await conn.execute(q)).all()
     return [Suppression(r.domain, r.address, r.reason, r.account_id, r.created_at) for r in rows]
 

@@ -112,6 +112,21 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ()
     _cursor_cls = OneTripCursor
 
+    def _idle(self) -> bool:
+        # No transaction open on the sqlite3 connection (a read that ran without BEGIN,
+        # Store._read(single=True)): COMMIT/ROLLBACK would be no-ops, so skip the trip.
+        # Read between statements: nothing runs on this connection's thread then.
+        raw: sqlite3.Connection | None = self._connection._connection
+        return raw is not None and not raw.in_transaction
+
+    def commit(self) -> None:
+        if not self._idle():
+            super().commit()
+
+    def rollback(self) -> None:
+        if not self._idle():
+            super().rollback()
+
 
 class OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
     def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:

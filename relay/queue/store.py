@@ -172,6 +172,39 @@ class MessageView:
     events: tuple[EventView, ...] = field(default=())
 
 
+# Hot-path statements built once (issue 9: building one and its cache key per call cost
+# more CPU than running it).
+_MESSAGE_FOR_DELIVERY = sa.select(message.c.body, message.c.mail_from, message.c.account_id).where(
+    message.c.id == sa.bindparam("id")
+)
+
+_INSERT_MESSAGE = message.insert()
+_INSERT_RECIPIENT = recipient.insert()
+_INSERT_EVENT = event.insert()
+_COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
+    counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since")
+)
+# An attempt's result; only the row we still lease (lease_owner, status sending).
+_OUTCOME = (
+    recipient.update()
+    .where(
+        recipient.c.id == sa.bindparam("o_id"),
+        recipient.c.lease_owner == sa.bindparam("o_owner"),
+        recipient.c.status == RecipientStatus.SENDING.value,
+    )
+    .values(
+        status=sa.bindparam("o_status"),
+        attempts=recipient.c.attempts + 1,
+        last_reply=sa.bindparam("o_reply"),
+        last_mx=sa.bindparam("o_mx"),
+        last_tls=sa.bindparam("o_tls"),
+        updated_at=sa.bindparam("o_now"),
+        lease_owner=None,
+    )
+    .returning(recipient.c.message_id, recipient.c.address, recipient.c.attempts)
+)
+_OUTCOME_DUE = _OUTCOME.values(due_at=sa.bindparam("o_due"))
+
 _TRANSIENT = (OperationalError, SAInterfaceError, OSError, ConnectionError)
 
 # PostgreSQL SQLSTATEs that mean "not now" rather than "wrong": class 08 connection
@@ -208,6 +241,10 @@ class Store:
         self.node_id = node_id
         self.clock = clock
         self.dialect = engine.dialect.name
+        # Engines with the read options preset (same pool and listeners): setting them per
+        # connection cost a greenlet switch per read (issue 9).
+        self._reads = engine.execution_options(readonly=True)
+        self._single_reads = engine.execution_options(readonly=True, single=True)
         # SQLite has one writer at a time and each COMMIT costs an fsync: writers of this
         # process queue (FIFO, no busy_timeout polling) and share commits. Other
         # processes (CLI, other nodes) still meet busy_timeout / row locks.
@@ -271,12 +308,14 @@ class Store:
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    async def _read(self, single: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A read transaction. ``single=True``: the block runs exactly one statement,
+        which on SQLite then runs without BEGIN/COMMIT (one statement reads one snapshot
+        anyway); the hot per-message reads use it (issue 9)."""
         try:
-            async with self.engine.connect() as conn:
-                conn = await conn.execution_options(readonly=True)
-                async with conn.begin():
-                    yield conn
+            engine = self._single_reads if single else self._reads
+            async with engine.connect() as conn, conn.begin():
+                yield conn
         except Exception as exc:
             if not _transient(exc):
                 raise
@@ -342,7 +381,7 @@ class Store:
 
     async def get_account(self, name: str) -> Account:
         async def load() -> Account | None:
-            async with self._read() as conn:
+            async with self._read(single=True) as conn:
                 q = sa.select(account).where(account.c.name == name)
                 row = (await conn.execute(q)).first()
             return None if row is None else self._account(row)
@@ -355,7 +394,7 @@ class Store:
 
     async def get_account_by_id(self, account_id: int) -> Account:
         async def load() -> Account | None:
-            async with self._read() as conn:
+            async with self._read(single=True) as conn:
                 q = sa.select(account).where(account.c.id == account_id)
                 row = (await conn.execute(q)).first()
             return None if row is None else self._account(row)
@@ -439,7 +478,7 @@ class Store:
 
     async def get_domain(self, name: str) -> Domain | None:
         async def load() -> Domain | None:
-            async with self._read() as conn:
+            async with self._read(single=True) as conn:
                 row = (
                     await conn.execute(sa.select(domain).where(domain.c.name == name.lower()))
                 ).first()
@@ -494,22 +533,23 @@ class Store:
                     text = take.limit_text.replace("{wait}", f"{max(wait, 0.001):.2f}")
                     raise RateLimited(text, wait)
             await conn.execute(
-                message.insert().values(
-                    id=msg.id,
-                    account_id=msg.account_id,
-                    mail_from=msg.mail_from,
-                    header_from=msg.header_from,
-                    subject=msg.subject,
-                    message_id_header=msg.message_id_header,
-                    size=len(msg.body),
-                    body=msg.body,
-                    client=msg.client,
-                    node_id=self.node_id,
-                    created_at=now,
-                )
+                _INSERT_MESSAGE,
+                {
+                    "id": msg.id,
+                    "account_id": msg.account_id,
+                    "mail_from": msg.mail_from,
+                    "header_from": msg.header_from,
+                    "subject": msg.subject,
+                    "message_id_header": msg.message_id_header,
+                    "size": len(msg.body),
+                    "body": msg.body,
+                    "client": msg.client,
+                    "node_id": self.node_id,
+                    "created_at": now,
+                },
             )
             await conn.execute(
-                recipient.insert(),
+                _INSERT_RECIPIENT,
                 [
                     {
                         "message_id": msg.id,
@@ -547,20 +587,16 @@ class Store:
                             {"reason": r.reason, "until": r.due_at},
                         )
                     )
-            await conn.execute(event.insert(), events)
+            await conn.execute(_INSERT_EVENT, events)
             # One lock order for every transaction (PostgreSQL row locks): two accepts
             # touching the same counters then queue up instead of deadlocking.
             for c in sorted(msg.counters, key=lambda c: (c.key, c.window)):
-                await conn.execute(
-                    dialect.counter_upsert(self.dialect, c.key, c.window, c.amount, c.expires_at)
+                await dialect.counter_add(
+                    conn, self.dialect, c.key, c.window, c.amount, c.expires_at
                 )
                 if c.limit is not None:
                     total = (
-                        await conn.execute(
-                            sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
-                                counter.c.key == c.key, counter.c.window_start >= c.since
-                            )
-                        )
+                        await conn.execute(_COUNTER_SUM, {"key": c.key, "since": c.since})
                     ).scalar()
                     if int(total or 0) > c.limit:
                         raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}")
@@ -722,14 +758,8 @@ class Store:
 
     async def message_for_delivery(self, message_id: str) -> tuple[bytes, str, int]:
         """(body, mail_from, account_id) of a message."""
-        async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(message.c.body, message.c.mail_from, message.c.account_id).where(
-                        message.c.id == message_id
-                    )
-                )
-            ).first()
+        async with self._read(single=True) as conn:
+            row = (await conn.execute(_MESSAGE_FOR_DELIVERY, {"id": message_id})).first()
         if row is None:
             raise NotFound(f"no message {message_id}")
         return bytes(row.body), row.mail_from, row.account_id
@@ -742,28 +772,19 @@ class Store:
             # Ascending id: the lock order every multi-row writer of recipient uses.
             for u in sorted(updates, key=lambda u: u.recipient_id):
                 o = u.outcome
-                values: dict[str, Any] = {
-                    "status": o.status.value,
-                    "attempts": recipient.c.attempts + 1,
-                    "last_reply": o.reply,
-                    "last_mx": o.mx,
-                    "last_tls": o.tls,
-                    "updated_at": now,
-                    "lease_owner": None,
+                params: dict[str, Any] = {
+                    "o_id": u.recipient_id,
+                    "o_owner": owner,
+                    "o_status": o.status.value,
+                    "o_reply": o.reply,
+                    "o_mx": o.mx,
+                    "o_tls": o.tls,
+                    "o_now": now,
                 }
                 if u.next_due is not None:
-                    values["due_at"] = u.next_due
-                res = await conn.execute(
-                    recipient.update()
-                    .where(
-                        recipient.c.id == u.recipient_id,
-                        recipient.c.lease_owner == owner,
-                        recipient.c.status == RecipientStatus.SENDING.value,
-                    )
-                    .values(values)
-                    .returning(recipient.c.message_id, recipient.c.address, recipient.c.attempts)
-                )
-                row = res.first()
+                    params["o_due"] = u.next_due
+                stmt = _OUTCOME if u.next_due is None else _OUTCOME_DUE
+                row = (await conn.execute(stmt, params)).first()
                 if row is None:
                     continue
                 written += 1
@@ -790,9 +811,8 @@ class Store:
                 if u.next_due is not None and o.status is RecipientStatus.DEFERRED:
                     data["next_attempt"] = u.next_due
                 await conn.execute(
-                    event.insert().values(
-                        self._event_row(kind, now, acct, row.message_id, row.address, data)
-                    )
+                    _INSERT_EVENT,
+                    self._event_row(kind, now, acct, row.message_id, row.address, data),
                 )
         return written
 
