@@ -27,6 +27,7 @@ from relay.intake import new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
 from relay.queue.retry import is_expired, next_delay
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
+from relay.tasks import drain
 
 log = logging.getLogger("relay.delivery")
 
@@ -361,12 +362,7 @@ class DeliveryWorker:
         """Stop claiming; let in-flight attempts finish within ``grace`` seconds."""
         self._stopping = True
         self.wake()
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._tasks, grace)
         # Anything still leased by us goes back to the queue now, not after lease expiry.
         if self._inflight:
             with contextlib.suppress(StoreUnavailable):

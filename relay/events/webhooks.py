@@ -31,6 +31,7 @@ from relay.events.emit import event_body
 from relay.queue import events as q
 from relay.queue.retry import next_delay
 from relay.queue.store import Store
+from relay.tasks import drain
 
 log = logging.getLogger("relay.webhooks")
 
@@ -197,12 +198,7 @@ class WebhookDispatcher:
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
         self.wake()
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._tasks, grace)
         if self._inflight:
             with contextlib.suppress(StoreUnavailable):
                 await q.release_deliveries(self.store, self.owner, sorted(self._inflight))

@@ -12,10 +12,9 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
-import dkim
-import dns.resolver
 import pytest
 
+from tests.support.dkimcheck import dkim_verifies
 from tests.support.dnsserver import DNSServer
 from tests.support.relayproc import (
     MakeRelay,
@@ -89,18 +88,6 @@ async def test_user_unknown_is_blocklisted_and_refused_at_rcpt_while_others_deli
     assert "x@example.org" not in started.cli("blocklist", "list", "--account", "alice").stdout
 
 
-def _dkim_ok(data: bytes, dns_server: DNSServer) -> bool:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers = ["127.0.0.1"]
-    r.port = dns_server.port
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        ans = r.resolve(name.decode().rstrip("."), "TXT")
-        return b"".join(b"".join(x.strings) for x in ans)
-
-    return bool(dkim.verify(data, dnsfunc=dnsfunc))
-
-
 async def test_each_recipient_gets_signed_one_click_headers_and_a_verp_sender(
     started: RelayProcess, sink: SMTPSink, dns_server: DNSServer
 ) -> None:
@@ -120,7 +107,7 @@ async def test_each_recipient_gets_signed_one_click_headers_and_a_verp_sender(
         assert m.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
         sig = m.header("DKIM-Signature") or ""
         assert "list-unsubscribe:list-unsubscribe-post" in sig.replace(" ", "").lower()
-        assert _dkim_ok(m.data, dns_server)
+        assert dkim_verifies(m.data, dns_server)
         links.add(lu)
     assert len(links) == 2
 

@@ -5,28 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 
-import dkim
-import dns.resolver
 import pytest
 
+from tests.support.dkimcheck import dkim_verifies
 from tests.support.dnsserver import DNSServer
 from tests.support.relayproc import MakeRelay, RelayProcess, make_message, queue_id, submit
 from tests.support.sink import SMTPSink
-
-
-def dkim_verifies(data: bytes, dns_server: DNSServer) -> bool:
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = dns_server.port
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
-        except Exception:
-            return b""
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return bool(dkim.verify(data, dnsfunc=dnsfunc))
 
 
 @pytest.mark.parametrize("implicit_tls", [False, True], ids=["587-starttls", "465-implicit"])
