@@ -91,6 +91,8 @@ def set_level(level: str) -> None:
     # Its per-session warnings (AUTH-without-TLS: we enforce TLS for AUTH ourselves;
     # login_data deprecation) would print on every connection, so only errors pass.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # Alembic announces each of its plugins at INFO on every start: not news to ops.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "info", fmt: str = "keyvalue") -> None:
