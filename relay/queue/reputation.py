@@ -198,12 +198,8 @@ _BLOCKLIST_GET = (
 )
 
 
-async def blocklist_get(store: Store, address: str) -> BlockEntry | None:
-    params = {"now": store.clock(), "address": _norm(address)}
-    async with store._read(single=True) as conn:
-        r = (await conn.execute(_BLOCKLIST_GET, params)).first()
-    if r is None:
-        return None
+def _block_entry(r: Any) -> BlockEntry:
+    """A blocklist row joined with its account's name, as a value."""
     return BlockEntry(
         r.address,
         r.reason,
@@ -214,6 +210,13 @@ async def blocklist_get(store: Store, address: str) -> BlockEntry | None:
         r.created_at,
         r.expires_at,
     )
+
+
+async def blocklist_get(store: Store, address: str) -> BlockEntry | None:
+    params = {"now": store.clock(), "address": _norm(address)}
+    async with store._read(single=True) as conn:
+        r = (await conn.execute(_BLOCKLIST_GET, params)).first()
+    return None if r is None else _block_entry(r)
 
 
 async def blocklist_list(
@@ -239,19 +242,7 @@ async def blocklist_list(
         q = q.where(blocklist.c.account_id == account_id)
     async with store._read(single=True) as conn:
         rows = (await conn.execute(q)).all()
-    return [
-        BlockEntry(
-            r.address,
-            r.reason,
-            r.source,
-            r.account_id,
-            r.account_name,
-            r.message_id,
-            r.created_at,
-            r.expires_at,
-        )
-        for r in rows
-    ]
+    return [_block_entry(r) for r in rows]
 
 
 async def blocklist_remove(store: Store, address: str) -> bool:
