@@ -55,6 +55,16 @@ def configure_sqlite(engine: AsyncEngine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def gcra_next(
+    tat: float | None, now: float, interval: float, tolerance: float, amount: int
+) -> tuple[float, float]:
+    """GCRA step: (seconds to wait, 0.0 when the tokens are taken; the new TAT)."""
+    start = max(float(tat or 0.0), now)
+    if start - now > tolerance:
+        return start - now - tolerance, float(tat or 0.0)
+    return 0.0, start + amount * interval
+
+
 async def gcra_take(
     conn: AsyncConnection,
     dialect_name: str,
@@ -77,10 +87,9 @@ async def gcra_take(
         await conn.execute(_GCRA_ENSURE_PG, {"key": key, "value": 0.0})
     q = _GCRA_SELECT_PG if dialect_name == "postgresql" else _GCRA_SELECT
     tat = (await conn.execute(q, {"k": key})).scalar()
-    start = max(float(tat or 0.0), now)
-    if start - now > tolerance:
-        return start - now - tolerance
-    new_tat = start + amount * interval
+    wait, new_tat = gcra_next(tat, now, interval, tolerance, amount)
+    if wait > 0:
+        return wait
     if tat is None:
         await conn.execute(_GCRA_INSERT, {"key": key, "value": new_tat})
     else:

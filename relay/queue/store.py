@@ -8,12 +8,13 @@ share one queue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -33,7 +34,7 @@ from relay.model import (
     Outcome,
     RecipientStatus,
 )
-from relay.queue import dialect, sqlite_driver
+from relay.queue import dialect, sqlite_driver, sqlite_onetrip
 from relay.queue.cache import RowCache
 from relay.queue.groupcommit import GroupCommitter
 from relay.queue.tables import (
@@ -44,6 +45,7 @@ from relay.queue.tables import (
     message,
     recipient,
 )
+from relay.queue.writelock import WriteLock
 
 Clock = Callable[[], float]
 
@@ -95,6 +97,11 @@ class RateLimited(Exception):
         super().__init__(text)
         self.text = text
         self.wait = wait
+
+
+def _rate_limited(take: RateTake | None, wait: float) -> NoReturn:
+    assert take is not None
+    raise RateLimited(take.limit_text.replace("{wait}", f"{max(wait, 0.001):.2f}"), wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +256,14 @@ class Store:
         # process queue (FIFO, no busy_timeout polling) and share commits. Other
         # processes (CLI, other nodes) still meet busy_timeout / row locks.
         self._committer = GroupCommitter(self._begin_write, batch=self.dialect == "sqlite")
+        # ... and batches of different processes (listener processes, the CLI) take
+        # turns on an flock instead of SQLite's sleeping busy handler (writelock.py).
+        database = engine.url.database
+        self._write_lock = (
+            WriteLock(f"{database}-wlock")
+            if self.dialect == "sqlite" and database and database != ":memory:"
+            else None
+        )
         # Slow-changing rows read per message (accounts, domains, limits): see cache.py.
         self.cache = RowCache(cache_seconds)
         if self.cache.enabled:
@@ -261,6 +276,12 @@ class Store:
             kwargs["connect_args"] = {"timeout": db.statement_timeout}
             # One trip to aiosqlite's thread per statement, not four (sqlite_driver.py).
             kwargs["module"] = sqlite_driver.dbapi()
+            # Every pooled connection is a thread of aiosqlite's. SQLAlchemy's default
+            # (5 kept, 10 overflow closed on return) opened and closed a connection, its
+            # thread and its PRAGMAs every few messages under 20+ sessions (issue 9):
+            # keep three times pool_size: cheap here (no server process behind them).
+            kwargs["pool_size"] = db.pool_size * 3
+            kwargs["max_overflow"] = db.pool_size
         else:
             kwargs["pool_size"] = db.pool_size
             kwargs["pool_pre_ping"] = True
@@ -278,6 +299,8 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()
 
     # ------------------------------------------------------------------ transactions
 
@@ -300,7 +323,10 @@ class Store:
     @asynccontextmanager
     async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.begin() as conn:
+            async with contextlib.AsyncExitStack() as stack:
+                if self._write_lock is not None:
+                    await stack.enter_async_context(self._write_lock.held())
+                conn = await stack.enter_async_context(self.engine.begin())
                 yield conn
         except Exception as exc:
             if not _transient(exc):
@@ -515,11 +541,83 @@ class Store:
     async def accept(self, msg: NewMessage) -> None:
         """The accept transaction: message, one row per recipient, events, all or nothing."""
         now = self.clock()
+        message_row = {
+            "id": msg.id,
+            "account_id": msg.account_id,
+            "mail_from": msg.mail_from,
+            "header_from": msg.header_from,
+            "subject": msg.subject,
+            "message_id_header": msg.message_id_header,
+            "size": len(msg.body),
+            "body": msg.body,
+            "client": msg.client,
+            "node_id": self.node_id,
+            "created_at": now,
+        }
+        recipient_rows = [
+            {
+                "message_id": msg.id,
+                "address": r.address,
+                "rcpt_domain": r.address.rpartition("@")[2].lower(),
+                "status": r.status.value,
+                "due_at": now if r.due_at is None else r.due_at,
+                "reason": r.reason,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for r in msg.recipients
+        ]
+        events = []
+        for r in msg.recipients:
+            accepted = {"size": len(msg.body), "mail_from": msg.mail_from}
+            events.append(
+                self._event_row(
+                    EventKind.ACCEPTED, now, msg.account_id, msg.id, r.address, accepted
+                )
+            )
+            if r.status is RecipientStatus.HELD:
+                held = {"reason": r.reason, "until": r.due_at}
+                events.append(
+                    self._event_row(EventKind.HELD, now, msg.account_id, msg.id, r.address, held)
+                )
+        # One lock order for every transaction (PostgreSQL row locks): two accepts
+        # touching the same counters then queue up instead of deadlocking.
+        counters = sorted(msg.counters, key=lambda c: (c.key, c.window))
         async with self._write() as conn:
+            # The lock holder's clock orders the bucket (see limits.take_tokens).
+            taken_at = max(now, self.clock())
+            if self.dialect == "sqlite":
+                refused = await sqlite_onetrip.accept(
+                    conn,
+                    sqlite_onetrip.AcceptRows(
+                        message=message_row,
+                        recipients=recipient_rows,
+                        events=events,
+                        bucket=None
+                        if msg.rate is None
+                        else sqlite_onetrip.Bucket(
+                            msg.rate.key,
+                            taken_at,
+                            msg.rate.interval,
+                            msg.rate.tolerance,
+                            msg.rate.amount,
+                        ),
+                        counts=[
+                            sqlite_onetrip.Count(
+                                c.key, c.window, c.amount, c.expires_at, c.limit, c.since
+                            )
+                            for c in counters
+                        ],
+                    ),
+                )
+                if refused is not None and refused.count is None:
+                    _rate_limited(msg.rate, refused.wait)
+                if refused is not None and refused.count is not None:
+                    c = counters[refused.count]
+                    raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}")
+                return
             if msg.rate is not None:
                 take = msg.rate
-                # The lock holder's clock orders the bucket (see limits.take_tokens).
-                taken_at = max(now, self.clock())
                 wait = await dialect.gcra_take(
                     conn,
                     self.dialect,
@@ -530,67 +628,11 @@ class Store:
                     take.amount,
                 )
                 if wait > 0:
-                    text = take.limit_text.replace("{wait}", f"{max(wait, 0.001):.2f}")
-                    raise RateLimited(text, wait)
-            await conn.execute(
-                _INSERT_MESSAGE,
-                {
-                    "id": msg.id,
-                    "account_id": msg.account_id,
-                    "mail_from": msg.mail_from,
-                    "header_from": msg.header_from,
-                    "subject": msg.subject,
-                    "message_id_header": msg.message_id_header,
-                    "size": len(msg.body),
-                    "body": msg.body,
-                    "client": msg.client,
-                    "node_id": self.node_id,
-                    "created_at": now,
-                },
-            )
-            await conn.execute(
-                _INSERT_RECIPIENT,
-                [
-                    {
-                        "message_id": msg.id,
-                        "address": r.address,
-                        "rcpt_domain": r.address.rpartition("@")[2].lower(),
-                        "status": r.status.value,
-                        "due_at": now if r.due_at is None else r.due_at,
-                        "reason": r.reason,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for r in msg.recipients
-                ],
-            )
-            events = []
-            for r in msg.recipients:
-                events.append(
-                    self._event_row(
-                        EventKind.ACCEPTED,
-                        now,
-                        msg.account_id,
-                        msg.id,
-                        r.address,
-                        {"size": len(msg.body), "mail_from": msg.mail_from},
-                    )
-                )
-                if r.status is RecipientStatus.HELD:
-                    events.append(
-                        self._event_row(
-                            EventKind.HELD,
-                            now,
-                            msg.account_id,
-                            msg.id,
-                            r.address,
-                            {"reason": r.reason, "until": r.due_at},
-                        )
-                    )
+                    _rate_limited(take, wait)
+            await conn.execute(_INSERT_MESSAGE, message_row)
+            await conn.execute(_INSERT_RECIPIENT, recipient_rows)
             await conn.execute(_INSERT_EVENT, events)
-            # One lock order for every transaction (PostgreSQL row locks): two accepts
-            # touching the same counters then queue up instead of deadlocking.
-            for c in sorted(msg.counters, key=lambda c: (c.key, c.window)):
+            for c in counters:
                 await dialect.counter_add(
                     conn, self.dialect, c.key, c.window, c.amount, c.expires_at
                 )
