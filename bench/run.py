@@ -170,7 +170,7 @@ class Server:
 class Relay(Server):
     name = "relay"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, processes: int = 0) -> None:
         self.dir = workdir / "relay"
         self.dir.mkdir()
         self.port = free_port()
@@ -186,6 +186,7 @@ class Relay(Server):
                 "smtp": None,
                 # The bench's plain runs send without AUTH, as Postfix's mynetworks clients.
                 "trusted_networks": {"127.0.0.1/32": ACCOUNT},
+                "processes": processes,
             },
             "http": {"listen": None},
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 1},
@@ -503,6 +504,12 @@ def main() -> int:
     ap.add_argument(
         "--duration", type=float, help="cap each load at S seconds (default: none; --quick: 8)"
     )
+    ap.add_argument(
+        "--relay-processes",
+        type=int,
+        default=max(0, min(4, (os.cpu_count() or 1) - 1)),
+        help="relay's listen.processes (default: cores - 1, at most 4; 0: one process)",
+    )
     args = ap.parse_args()
     if args.duration is None:
         args.duration = 8.0 if args.quick else 0.0
@@ -524,10 +531,11 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     os.chmod(workdir, 0o755)  # Postfix's unprivileged processes must reach their queue
     started = time.monotonic()
+    print(f"relay: listen.processes {args.relay_processes}", flush=True)
     sink = Sink(workdir)
     servers: list[Server] = []
     if args.only != "postfix":
-        servers.append(Relay(workdir, sink.port))
+        servers.append(Relay(workdir, sink.port, args.relay_processes))
     if args.only != "relay":
         servers.append(Postfix(workdir, sink.port))
     rows: list[Row] = []

@@ -3,6 +3,10 @@
 Start order: database (schema checked) -> delivery worker -> listeners. Stop order is
 the reverse: stop accepting, let open SMTP transactions and delivery attempts finish
 (bounded by shutdown.grace_seconds), leave everything else queued.
+
+With ``listen.processes: N`` (relay/processes.py) the main process runs everything but
+the SMTP listeners and supervises N listener processes, each a ``RelayApp`` with
+``listener_only=True``: policy, intake and listeners, nothing else.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from relay.policy.reputation_checks import (
     RequireAuthOrInbound,
     Suppressed,
 )
+from relay.processes import ListenerProcesses, ParentLink
 from relay.queue.store import RateTake, Store
 from relay.reputation.service import Reputation
 from relay.smtp.auth import Authenticator
@@ -49,6 +54,10 @@ from relay.smtp.protocol import ConnectionLimiter
 from relay.smtp.trusted import TrustedNetworks
 
 log = logging.getLogger("relay")
+
+
+def _nothing(*_: object) -> None:
+    return None
 
 
 def build_checks(cfg: Config, store: Store) -> list[Check]:
@@ -68,8 +77,12 @@ def build_checks(cfg: Config, store: Store) -> list[Check]:
 
 
 class RelayApp:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, listener_only: bool = False) -> None:
         self.cfg = cfg
+        self.listener_only = listener_only
+        # A listener process tells the main process about new mail and its readiness.
+        self.parent = ParentLink.from_env() if listener_only else None
+        self.children: ListenerProcesses | None = None
         # Lease owner: node id plus a per-process nonce, so a restarted process (or two
         # processes with the same node id) never mistakes another's lease for its own.
         self.owner = f"{cfg.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -97,9 +110,14 @@ class RelayApp:
 
     def readiness(self) -> dict[str, bool]:
         """Facts /readyz reports besides the database."""
+        if self.children is not None:
+            listening = self.children.ready
+        else:
+            listening = bool(self.listeners) and all(
+                li.server.is_serving() for li in self.listeners
+            )
         return {
-            "listeners": bool(self.listeners)
-            and all(li.server.is_serving() for li in self.listeners),
+            "listeners": listening,
             "delivery": self.worker is not None and self.worker.running,
             "database_file": database_file_ok(self.cfg.database),
         }
@@ -108,13 +126,20 @@ class RelayApp:
         cfg = self.cfg
         await self.store.check_schema()
         assert cfg.tls.cert and cfg.tls.key, "serve() fills in tls before start()"
-        self.tls = tls = server_tls_context(cfg.tls.cert, cfg.tls.key)
+        self.tls = server_tls_context(cfg.tls.cert, cfg.tls.key)
         self.policy = policy = Policy(build_checks(cfg, self.store))
         intake = Intake(self.store, cfg.hostname)
         intake.planner = limits = Limits(cfg.limits, self.store)
         intake.rate = self._rate_take
         self.auth = auth = Authenticator(self.store, cfg.smtp)
         self.resolver = resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
+        self.refusals = RefusalRecorder(self.store)
+        if self.listener_only:
+            await self._start_listeners(policy, intake, auth, limits)
+            if self.parent is not None:
+                self.parent.ready()
+            log.info("relay listener process started node=%s pid=%d", cfg.node_id, os.getpid())
+            return
         self.worker = DeliveryWorker(
             self.store,
             cfg.delivery,
@@ -134,38 +159,57 @@ class RelayApp:
         # Webhooks: own task, own concurrency and timeouts; never holds a delivery slot.
         self.webhooks = WebhookDispatcher(self.store, cfg.webhooks, self.owner)
         self._webhooks_task = asyncio.create_task(self.webhooks.run())
-        self.refusals = RefusalRecorder(self.store)
         self.scheduler = HeldScheduler(limits, cfg.limits.scheduler_interval, self.worker.wake)
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
         self.rechecker = Rechecker(self.store, cfg)
         self._recheck_task = asyncio.create_task(self.rechecker.run())
+        await self.http.start()
+        if cfg.metrics.listen is not None:
+            self.metrics_server = MetricsServer(cfg.metrics.listen, self.store)
+            await self.metrics_server.start()
+        if cfg.listen.processes:
+            assert cfg.path is not None, "listener processes re-read the config file"
+            self.children = ListenerProcesses(cfg.listen.processes, str(cfg.path), self.worker.wake)
+            await self.children.start()
+            where = f"{cfg.listen.processes} listener processes"
+        else:
+            await self._start_listeners(policy, intake, auth, limits)
+            where = f"{len(self.listeners)} SMTP listeners"
+        systemd.ready(f"serving {where}")
+        log.info("relay started node=%s owner=%s", cfg.node_id, self.owner)
 
+    async def _start_listeners(
+        self, policy: Policy, intake: Intake, auth: Authenticator, limits: Limits
+    ) -> None:
+        cfg = self.cfg
         trusted = (
             TrustedNetworks(self.store, cfg.listen.trusted_networks)
             if cfg.listen.trusted_networks
             else None
         )
 
+        if self.worker is not None:
+            on_accept = self.worker.wake
+        elif self.parent is not None:
+            on_accept = self.parent.wake
+        else:  # a listener process started by hand: delivery finds the mail by polling
+            on_accept = _nothing
+
         def handler_for(name: str) -> SMTPHandler:
-            assert self.worker is not None
             return SMTPHandler(
                 listener=name,
                 policy=policy,
                 intake=intake,
                 authenticator=auth,
-                on_accept=self.worker.wake,
+                on_accept=on_accept,
                 on_refusal=self.refusals,
                 inbound=self.reputation.process_inbound,
                 trusted=trusted,
             )
 
-        self.listeners = await start_listeners(cfg, tls, handler_for, self.limiter)
-        await self.http.start()
-        if cfg.metrics.listen is not None:
-            self.metrics_server = MetricsServer(cfg.metrics.listen, self.store)
-            await self.metrics_server.start()
-        systemd.ready(f"serving {len(self.listeners)} SMTP listeners")
-        log.info("relay started node=%s owner=%s", cfg.node_id, self.owner)
+        self.listeners = await start_listeners(
+            cfg, self.tls, handler_for, self.limiter, reuse_port=bool(cfg.listen.processes)
+        )
 
     def _on_sighup(self) -> None:
         task = asyncio.create_task(self.reload())
@@ -175,6 +219,8 @@ class RelayApp:
     async def reload(self) -> bool:
         """SIGHUP: re-read config and certificates (relay/reload.py); one at a time."""
         async with self._reload_lock:
+            if self.children is not None:
+                self.children.signal_all(signal.SIGHUP)
             return await _reload.reload(self)
 
     def request_stop(self) -> None:
@@ -197,6 +243,9 @@ class RelayApp:
         for listener in self.listeners:
             listener.server.close()
         deadline = time.monotonic() + grace
+        if self.children is not None:
+            # Each child closes its listeners and drains its own sessions.
+            await self.children.stop(grace)
         # Idle sessions are told to go; sessions mid-transaction may finish first.
         while time.monotonic() < deadline:
             for session in list(self.limiter.sessions):
@@ -221,8 +270,9 @@ class RelayApp:
             self._worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker_task
-        if getattr(self, "webhooks", None) is not None:
+        if getattr(self, "refusals", None) is not None:
             await self.refusals.drain()
+        if getattr(self, "webhooks", None) is not None:
             await self.webhooks.stop()
             self._webhooks_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -59,6 +59,9 @@ class ListenConfig:
     # CIDR -> account name: clients on these networks send as that account without AUTH,
     # on every listener (like Postfix mynetworks); see relay/smtp/trusted.py.
     trusted_networks: Mapping[str, str] = field(default_factory=dict)
+    # SMTP listener processes (SO_REUSEPORT, the kernel spreads connections over them);
+    # 0: the listeners run in the main process beside delivery. See relay/processes.py.
+    processes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,6 +567,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("database.cache_seconds", "must be >= 0 (0 turns the cache off)")
     if (cfg.tls.cert is None) != (cfg.tls.key is None):
         problems.add("tls", "set both tls.cert and tls.key, or neither")
+    if cfg.listen.processes > 64:
+        problems.add("listen.processes", f"expected 0-64, got {cfg.listen.processes}")
     if cfg.delivery.retry_first <= 0:
         problems.add("delivery.retry_first", "must be > 0")
     if cfg.delivery.lease_seconds < 5:

@@ -13,6 +13,7 @@ handler refreshes one snapshot with two cheap aggregate queries, then renders.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
 
@@ -348,4 +350,19 @@ REGISTRY.register(QUEUE)
 
 def render() -> bytes:
     """The text exposition of every relay metric."""
-    return bytes(generate_latest(REGISTRY))
+    if _MULTIPROC_DIR is None:
+        return bytes(generate_latest(REGISTRY))
+    # Listener processes (relay/processes.py): counters and histograms are summed over the
+    # files every process writes (a dead process's counts stay, so no counter goes back);
+    # queue gauges come from the database; process_* describe the main process.
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed, _MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(summed)) + bytes(generate_latest(_LOCAL))
+
+
+_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_LOCAL = CollectorRegistry()
+if _MULTIPROC_DIR is not None:
+    ProcessCollector(registry=_LOCAL)
+    PlatformCollector(registry=_LOCAL)
+    _LOCAL.register(QUEUE)

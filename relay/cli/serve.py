@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from relay.queue.store import Store
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the relay (SMTP listeners, delivery)")
+    # Internal: how the main process starts its listener processes (relay/processes.py).
+    p.add_argument("--listener-process", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_serve)
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     p.set_defaults(handler=with_store(cmd_migrate), no_schema_check=True)
@@ -58,6 +62,15 @@ def ensure_tls(cfg: Config) -> Config:
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    listener_only = bool(getattr(args, "listener_process", False))
+    metrics_dir = None
+    if cfg.listen.processes and not listener_only:
+        if cfg.path is None:
+            return fail("listen.processes needs relay started with -c CONFIG")
+        # Before prometheus_client is first imported (relay.app imports it): every process
+        # then keeps its counters in files here and /metrics adds them up (metrics.py).
+        metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from relay.app import RelayApp
 
     setup_logging(cfg.log.level, cfg.log.format)
@@ -65,14 +78,18 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     cfg = ensure_tls(cfg)
 
     async def go() -> int:
-        app = RelayApp(cfg)
+        app = RelayApp(cfg, listener_only=listener_only)
         try:
             return await app.run()
         except NotMigrated as exc:
             await app.store.close()
             return fail(f"{exc} (relay -c {cfg.path or 'CONFIG'} migrate)")
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def cmd_migrate(store: Store, cfg: Config, args: argparse.Namespace) -> int:

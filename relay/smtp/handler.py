@@ -199,7 +199,12 @@ class SMTPHandler:
         )
         metrics.smtp_transaction(self.listener, "queued", started, len(envelope.rcpt_tos))
         if self.on_accept is not None:
-            self.on_accept(qid)
+            try:
+                self.on_accept(qid)
+            except Exception:
+                # The message is committed: the client must hear 250, or it would send
+                # it again. Delivery still finds it on its next poll.
+                log.exception("after-accept hook failed qid=%s", qid)
         return f"250 2.0.0 Ok: queued as {qid}"
 
     def _log_refusal(

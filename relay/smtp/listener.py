@@ -39,8 +39,12 @@ async def start_listeners(
     tls: ssl.SSLContext,
     handler_for: Callable[[str], SMTPHandler],
     limiter: ConnectionLimiter,
+    reuse_port: bool = False,
 ) -> list[Listener]:
-    """Bind every configured listener; a null address leaves that listener off."""
+    """Bind every configured listener; a null address leaves that listener off.
+
+    ``reuse_port``: several listener processes bind the same addresses and the kernel
+    spreads connections over them (relay/processes.py)."""
     loop = asyncio.get_running_loop()
     out: list[Listener] = []
     specs: list[tuple[str, HostPort | None, bool, bool]] = [
@@ -75,7 +79,12 @@ async def start_listeners(
             )
 
         server = await loop.create_server(
-            factory, addr.host, addr.port, ssl=tls if implicit else None, reuse_address=True
+            factory,
+            addr.host,
+            addr.port,
+            ssl=tls if implicit else None,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         listener = Listener(name, addr, server)
         log.info("listening name=%s address=%s:%d", name, addr.host, listener.port)

@@ -198,7 +198,8 @@ class RelayProcess:
 
     def listen_ports(self) -> list[int]:
         """Every TCP port the running relay should accept connections on."""
-        ports = [_port_of(v) for v in (self.config.get("listen") or {}).values()]
+        listen = self.config.get("listen") or {}
+        ports = [_port_of(listen.get(k)) for k in ("submission", "smtps", "smtp")]
         ports.append(_port_of((self.config.get("http") or {}).get("listen")))
         return [p for p in ports if p is not None]
 

@@ -56,3 +56,10 @@ def test_hostport_forms() -> None:
     assert parse_hostport("[::1]:25").port == 25
     with pytest.raises(ValueError):
         parse_hostport("host:0")
+
+
+def test_listener_processes_are_a_count_up_to_64(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "listen:\n  processes: 2\n")).listen.processes == 2
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "listen:\n  processes: 65\n"))
+    assert "listen.processes: expected 0-64, got 65" in str(exc.value)
