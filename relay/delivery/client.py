@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from relay import metrics
+from relay.delivery import transparency
 from relay.delivery.mx import Target
 from relay.model import Outcome, RecipientStatus
+
+transparency.install()
 
 log = logging.getLogger("relay.delivery")
 

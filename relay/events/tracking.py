@@ -29,7 +29,6 @@ from relay.queue.store import Store
 
 _POLICY = compat32.clone(linesep="\r\n")
 _TAG_LEN = 16  # bytes of HMAC kept: 128 bits is beyond guessing
-_HTML = re.compile(rb"text/html", re.IGNORECASE)
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 #: a 1x1 transparent GIF (the classic 43-byte one)
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -85,8 +84,14 @@ def _html_parts(msg: Message) -> list[Message]:
     ]
 
 
+def mentions_html(raw: bytes) -> bool:
+    """Cheap pre-check (lower() and "in" run in C; a case-insensitive regex search cost
+    ~0.5 ms per 100 KB body, issue 9)."""
+    return b"text/html" in raw.lower()
+
+
 def has_html(raw: bytes) -> bool:
-    if not _HTML.search(raw):
+    if not mentions_html(raw):
         return False
     return bool(_html_parts(email.message_from_bytes(raw, policy=compat32)))
 
@@ -167,7 +172,7 @@ class OpenTracker:
         return on
 
     async def render(self, body: bytes, account_id: int, claim: Claim) -> bytes | None:
-        if not _HTML.search(body) or not await self._tracked(account_id):
+        if not mentions_html(body) or not await self._tracked(account_id):
             return None
         token = make_token(await self.secret(), claim.recipient_id, claim.message_id)
         out = await asyncio.to_thread(insert_pixel, body, pixel_url(self.base_url, token))

@@ -21,9 +21,10 @@ import re
 import warnings
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 from relay import metrics
+from relay.smtp.data import DataState, read_body
 
 log = logging.getLogger("relay.smtp")
 
@@ -291,6 +292,47 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: RCPT TO:<address> (unbalanced < >)")
             return
         await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the body read in chunks (relay/smtp/data.py)."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            body = await read_body(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.CancelledError:
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        except asyncio.IncompleteReadError:
+            # The client closed mid-body: nothing to answer, nothing accepted.
+            self._writer.close()
+            return
+        if body.state is not DataState.OK:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            if body.state is DataState.TOO_LONG:
+                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            else:
+                await self.push("552 Error: Too much mail data")
+            return
+        self.envelope.content = body.content
+        self.envelope.original_content = body.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    smtp_DATA.__smtp_syntax__ = "DATA"  # type: ignore[attr-defined]  # for HELP, as @syntax
+    smtp_DATA.__smtp_syntax_extended__ = None  # type: ignore[attr-defined]
+    smtp_DATA.__smtp_syntax_when__ = None  # type: ignore[attr-defined]
 
     def _rewrite(self, status: str) -> str:
         if status.startswith("552 Error:"):

@@ -173,7 +173,8 @@ async def test_claims_on_postgresql_use_for_update_skip_locked(pg_url: str) -> N
     finally:
         await store.close()
     selects = [s for s in statements if "FROM recipient" in s]
-    assert selects and selects[0].rstrip().endswith("FOR UPDATE SKIP LOCKED"), selects
+    # Only the recipient rows are locked (the message rows come along by a join).
+    assert selects and selects[0].rstrip().endswith("FOR UPDATE OF recipient SKIP LOCKED"), selects
     assert any("ON CONFLICT (key, window_start) DO UPDATE" in s for s in statements), statements
 
 
