@@ -80,6 +80,21 @@ class AcceptRefused:
     count: int | None = None
 
 
+class Refusal(Exception):
+    """The accept was refused inside its transaction; its writes are undone."""
+
+    def __init__(self, refused: AcceptRefused) -> None:
+        super().__init__(refused)
+        self.refused = refused
+
+
+def accept_job(raw: sqlite3.Connection, rows: AcceptRows) -> None:
+    """A group-commit thread job (groupcommit.py): the accept, or Refusal."""
+    refused = _accept(raw, rows)
+    if refused is not None:
+        raise Refusal(refused)
+
+
 def _accept(raw: sqlite3.Connection, rows: AcceptRows) -> AcceptRefused | None:
     """On the SQLite thread, inside the caller's transaction."""
     cur = raw.cursor()
@@ -122,7 +137,3 @@ async def run_on_thread(conn: AsyncConnection, fn: Callable[..., T], *args: Any)
         # Locked or I/O errors: the same answer the SQLAlchemy path gives (451, retry).
         raise StoreUnavailable(f"database unavailable: {exc}") from exc
     return result
-
-
-async def accept(conn: AsyncConnection, rows: AcceptRows) -> AcceptRefused | None:
-    return await run_on_thread(conn, _accept, rows)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -48,6 +50,8 @@ from relay.queue.tables import (
 from relay.queue.writelock import WriteLock
 
 Clock = Callable[[], float]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +267,84 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+def _unavailable(exc: Exception) -> StoreUnavailable | None:
+    """The StoreUnavailable a database error means ("not now", 451), or None: re-raise."""
+    if isinstance(exc, StoreUnavailable):
+        return None
+    if isinstance(exc, sqlite3.OperationalError):  # locked, I/O: from a thread job
+        return StoreUnavailable(f"database unavailable: {exc}")
+    if _transient(exc):
+        return StoreUnavailable(f"database unavailable: {exc.__class__.__name__}")
+    return None
+
+
+def _by_rcpt(u: OutcomeUpdate) -> int:
+    return u.recipient_id
+
+
+@dataclass(frozen=True, slots=True)
+class _OutcomeStep:
+    """One outcome to write: the guarded UPDATE and what its event will say."""
+
+    statement: Any
+    params: dict[str, Any]
+    account_id: int | None
+    kind: EventKind
+    at: float
+    data: dict[str, Any]
+    node_id: str
+
+    def event(
+        self, account_id: int | None, message_id: str, rcpt: str, attempts: int
+    ) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "kind": self.kind.value,
+            "account_id": account_id,
+            "message_id": message_id,
+            "recipient": rcpt,
+            "data": json.dumps({**self.data, "attempt": attempts}, sort_keys=True),
+            "node_id": self.node_id,
+        }
+
+
+def _sqlite_sql(statement: Any) -> tuple[str, dict[str, Any]]:
+    """SQLite SQL text with :named parameters, and the values bound into it."""
+    compiled = statement.compile(dialect=_SQLITE_NAMED)
+    return str(compiled), dict(compiled.params)
+
+
+_SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
+_OUTCOME_SQL = {id(stmt): _sqlite_sql(stmt) for stmt in (_OUTCOME, _OUTCOME_DUE)}
+_ACCOUNT_OF_MESSAGE_SQL = "SELECT account_id FROM message WHERE id = ?"
+_EVENT_COLUMNS = ("at", "kind", "account_id", "message_id", "recipient", "data", "node_id")
+_INSERT_EVENT_SQL = (
+    f"INSERT INTO event ({', '.join(_EVENT_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in _EVENT_COLUMNS)})"
+)
+
+
+def _outcomes_on_thread(raw: sqlite3.Connection, steps: list[_OutcomeStep]) -> int:
+    """record_outcomes on the SQLite thread (a group-commit thread job)."""
+    written = 0
+    cur = raw.cursor()
+    try:
+        for step in steps:
+            sql, bound = _OUTCOME_SQL[id(step.statement)]
+            row = cur.execute(sql, {**bound, **step.params}).fetchone()
+            if row is None:
+                continue
+            written += 1
+            message_id, address, attempts = row
+            acct = step.account_id
+            if acct is None:
+                acct = cur.execute(_ACCOUNT_OF_MESSAGE_SQL, (message_id,)).fetchone()[0]
+            cur.execute(_INSERT_EVENT_SQL, step.event(acct, message_id, address, attempts))
+    finally:
+        cur.close()
+    return written
+
+
 class Store:
     def __init__(
         self,
@@ -282,7 +364,12 @@ class Store:
         # SQLite has one writer at a time and each COMMIT costs an fsync: writers of this
         # process queue (FIFO, no busy_timeout polling) and share commits. Other
         # processes (CLI, other nodes) still meet busy_timeout / row locks.
-        self._committer = GroupCommitter(self._begin_write, batch=self.dialect == "sqlite")
+        self._committer = GroupCommitter(
+            self._begin_write,
+            batch=self.dialect == "sqlite",
+            on_thread=sqlite_onetrip.run_on_thread,
+            connect_write=self._connect_write,
+        )
         # ... and batches of different processes (listener processes, the CLI) take
         # turns on an flock instead of SQLite's sleeping busy handler (writelock.py).
         database = engine.url.database
@@ -337,12 +424,10 @@ class Store:
         try:
             async with self._committer.write(urgent) as conn:
                 yield conn
-        except StoreUnavailable:
-            raise
         except Exception as exc:
-            if not _transient(exc):
+            if (unavailable := _unavailable(exc)) is None:
                 raise
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+            raise unavailable from exc
         finally:
             # After COMMIT: drop cached rows this block (or its batch) changed.
             self.cache.after_write()
@@ -359,6 +444,27 @@ class Store:
             if not _transient(exc):
                 raise
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    async def _thread_job(
+        self, fn: Callable[[sqlite3.Connection, T], R], arg: T, urgent: bool = False
+    ) -> R:
+        """SQLite: ``fn(raw_connection, arg)`` as a group-commit thread job; its result once
+        committed. Database errors become StoreUnavailable, as ``_write`` does."""
+        try:
+            return await self._committer.run(fn, arg, urgent)
+        except Exception as exc:
+            if (unavailable := _unavailable(exc)) is None:
+                raise
+            raise unavailable from exc
+
+    @asynccontextmanager
+    async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
+        """A connection under the write lock, no transaction open: for a batch of thread
+        jobs that runs BEGIN ... COMMIT itself on the SQLite thread (groupcommit.py)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock.held())
+            yield await stack.enter_async_context(self.engine.connect())
 
     @asynccontextmanager
     async def _read(self, single: bool = False) -> AsyncIterator[AsyncConnection]:
@@ -610,39 +716,12 @@ class Store:
         # One lock order for every transaction (PostgreSQL row locks): two accepts
         # touching the same counters then queue up instead of deadlocking.
         counters = sorted(msg.counters, key=lambda c: (c.key, c.window))
+        if self.dialect == "sqlite":
+            await self._accept_sqlite(msg, message_row, recipient_rows, events, counters, now)
+            return
         async with self._write() as conn:
             # The lock holder's clock orders the bucket (see limits.take_tokens).
             taken_at = max(now, self.clock())
-            if self.dialect == "sqlite":
-                refused = await sqlite_onetrip.accept(
-                    conn,
-                    sqlite_onetrip.AcceptRows(
-                        message=message_row,
-                        recipients=recipient_rows,
-                        events=events,
-                        bucket=None
-                        if msg.rate is None
-                        else sqlite_onetrip.Bucket(
-                            msg.rate.key,
-                            taken_at,
-                            msg.rate.interval,
-                            msg.rate.tolerance,
-                            msg.rate.amount,
-                        ),
-                        counts=[
-                            sqlite_onetrip.Count(
-                                c.key, c.window, c.amount, c.expires_at, c.limit, c.since
-                            )
-                            for c in counters
-                        ],
-                    ),
-                )
-                if refused is not None and refused.count is None:
-                    _rate_limited(msg.rate, refused.wait)
-                if refused is not None and refused.count is not None:
-                    c = counters[refused.count]
-                    raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}")
-                return
             if msg.rate is not None:
                 take = msg.rate
                 wait = await dialect.gcra_take(
@@ -669,6 +748,40 @@ class Store:
                     ).scalar()
                     if int(total or 0) > c.limit:
                         raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}")
+
+    async def _accept_sqlite(
+        self,
+        msg: NewMessage,
+        message_row: dict[str, Any],
+        recipient_rows: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+        counters: list[CounterAdd],
+        now: float,
+    ) -> None:
+        """The accept as one group-commit thread job (sqlite_onetrip.py)."""
+        rate = msg.rate
+        rows = sqlite_onetrip.AcceptRows(
+            message=message_row,
+            recipients=recipient_rows,
+            events=events,
+            # The bucket is read and written under the write lock; its clock is ours.
+            bucket=None
+            if rate is None
+            else sqlite_onetrip.Bucket(
+                rate.key, max(now, self.clock()), rate.interval, rate.tolerance, rate.amount
+            ),
+            counts=[
+                sqlite_onetrip.Count(c.key, c.window, c.amount, c.expires_at, c.limit, c.since)
+                for c in counters
+            ],
+        )
+        try:
+            await self._thread_job(sqlite_onetrip.accept_job, rows)
+        except sqlite_onetrip.Refusal as exc:
+            if exc.refused.count is None:
+                _rate_limited(rate, exc.refused.wait)
+            c = counters[exc.refused.count]
+            raise CounterLimitExceeded(c.limit_text or f"{c.key} over {c.limit}") from None
 
     # ------------------------------------------------------------------ events
 
@@ -812,54 +925,60 @@ class Store:
     async def record_outcomes(self, owner: str, updates: Iterable[OutcomeUpdate]) -> int:
         """Write attempt results and their events; rows whose lease we lost are skipped."""
         now = self.clock()
+        # Ascending id: the lock order every multi-row writer of recipient uses.
+        steps = [self._outcome_step(owner, u, now) for u in sorted(updates, key=_by_rcpt)]
+        if self.dialect == "sqlite":
+            # One thread job: a short hold of the write lock the listener processes share.
+            return await self._thread_job(_outcomes_on_thread, steps, urgent=True)
         written = 0
         async with self._write(urgent=True) as conn:
-            # Ascending id: the lock order every multi-row writer of recipient uses.
-            for u in sorted(updates, key=lambda u: u.recipient_id):
-                o = u.outcome
-                params: dict[str, Any] = {
-                    "o_id": u.recipient_id,
-                    "o_owner": owner,
-                    "o_status": o.status.value,
-                    "o_reply": o.reply,
-                    "o_mx": o.mx,
-                    "o_tls": o.tls,
-                    "o_now": now,
-                }
-                if u.next_due is not None:
-                    params["o_due"] = u.next_due
-                stmt = _OUTCOME if u.next_due is None else _OUTCOME_DUE
-                row = (await conn.execute(stmt, params)).first()
+            for step in steps:
+                row = (await conn.execute(step.statement, step.params)).first()
                 if row is None:
                     continue
                 written += 1
-                acct = u.account_id
+                acct = step.account_id
                 if acct is None:
                     acct = (
                         await conn.execute(
                             sa.select(message.c.account_id).where(message.c.id == row.message_id)
                         )
                     ).scalar()
-                kind = {
-                    RecipientStatus.DELIVERED: EventKind.DELIVERED,
-                    RecipientStatus.DEFERRED: EventKind.DEFERRED,
-                    RecipientStatus.BOUNCED: EventKind.BOUNCED,
-                    RecipientStatus.EXPIRED: EventKind.EXPIRED,
-                }.get(o.status, EventKind.DEFERRED)
-                data: dict[str, Any] = {
-                    "reply": o.reply,
-                    "mx": o.mx,
-                    "tls": o.tls,
-                    "code": o.code,
-                    "attempt": row.attempts,
-                }
-                if u.next_due is not None and o.status is RecipientStatus.DEFERRED:
-                    data["next_attempt"] = u.next_due
-                await conn.execute(
-                    _INSERT_EVENT,
-                    self._event_row(kind, now, acct, row.message_id, row.address, data),
-                )
+                event_row = step.event(acct, row.message_id, row.address, row.attempts)
+                await conn.execute(_INSERT_EVENT, event_row)
         return written
+
+    def _outcome_step(self, owner: str, u: OutcomeUpdate, now: float) -> _OutcomeStep:
+        o = u.outcome
+        params: dict[str, Any] = {
+            "o_id": u.recipient_id,
+            "o_owner": owner,
+            "o_status": o.status.value,
+            "o_reply": o.reply,
+            "o_mx": o.mx,
+            "o_tls": o.tls,
+            "o_now": now,
+        }
+        if u.next_due is not None:
+            params["o_due"] = u.next_due
+        kind = {
+            RecipientStatus.DELIVERED: EventKind.DELIVERED,
+            RecipientStatus.DEFERRED: EventKind.DEFERRED,
+            RecipientStatus.BOUNCED: EventKind.BOUNCED,
+            RecipientStatus.EXPIRED: EventKind.EXPIRED,
+        }.get(o.status, EventKind.DEFERRED)
+        data: dict[str, Any] = {"reply": o.reply, "mx": o.mx, "tls": o.tls, "code": o.code}
+        if u.next_due is not None and o.status is RecipientStatus.DEFERRED:
+            data["next_attempt"] = u.next_due
+        return _OutcomeStep(
+            statement=_OUTCOME if u.next_due is None else _OUTCOME_DUE,
+            params=params,
+            account_id=u.account_id,
+            kind=kind,
+            at=now,
+            data=data,
+            node_id=self.node_id,
+        )
 
     # ------------------------------------------------------------------ inspection
 

@@ -85,3 +85,66 @@ async def test_integrity_error_reaches_its_own_caller(tmp_path: Path) -> None:
     async with store._write() as conn:
         await conn.execute(T.insert().values(x=3))
     await store.close()
+
+
+def _insert(raw: object, x: int) -> int:
+    """A thread job: runs on the SQLite thread with the raw sqlite3 connection."""
+    raw.execute("INSERT INTO t (x) VALUES (?)", (x,))  # type: ignore[attr-defined]
+    if x < 0:
+        raise ValueError("negative")
+    return x * 10
+
+
+async def _count(store: Store) -> list[int]:
+    async with store._read() as conn:
+        return [r[0] for r in (await conn.execute(sa.select(T.c.x).order_by(T.c.x))).all()]
+
+
+async def test_thread_jobs_share_a_commit_and_return_their_values(tmp_path: Path) -> None:
+    store, commits = await _store(tmp_path)
+    values = await asyncio.gather(*(store._committer.run(_insert, i) for i in range(1, 51)))
+    assert values == [i * 10 for i in range(1, 51)]
+    assert await _count(store) == list(range(1, 51))
+    assert 1 <= len(commits) < 50
+    await store.close()
+
+
+async def test_a_failing_thread_job_is_undone_alone_beside_blocks(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+
+    async def block(i: int) -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=i))
+
+    results = await asyncio.gather(
+        store._committer.run(_insert, 1),
+        store._committer.run(_insert, -5),  # inserts, then raises: must not commit
+        block(2),
+        store._committer.run(_insert, 3),
+        return_exceptions=True,
+    )
+    assert results[0] == 10 and results[3] == 30
+    assert isinstance(results[1], ValueError)
+    assert await _count(store) == [1, 2, 3]
+    await store.close()
+
+
+async def test_a_cancelled_thread_job_writes_nothing(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+
+    async def hold() -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=1))
+            await asyncio.sleep(0.2)  # the batch is busy: the next job waits in the queue
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.05)
+    job = asyncio.create_task(store._committer.run(_insert, 7))
+    await asyncio.sleep(0.05)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    await holder
+    assert await store._committer.run(_insert, 9) == 90
+    assert await _count(store) == [1, 9]
+    await store.close()
