@@ -61,6 +61,26 @@ def ensure_tls(cfg: Config) -> Config:
     return dataclasses.replace(cfg, tls=TLSConfig(cert=str(cert), key=str(key)))
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _cap_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena and keeps it: with a
+    pooled SQLite connection per thread (aiosqlite) a listener process grew from 76 to
+    170 MB PSS under 100 sessions; with 2 arenas 108 MB, at the same throughput (issue
+    9). Not glibc (musl, macOS): nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(_M_ARENA_MAX, arenas)
+    except OSError:
+        pass
+
+
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     listener_only = bool(getattr(args, "listener_process", False))
     metrics_dir = None
@@ -76,6 +96,8 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     set_node(cfg.node_id)
     cfg = ensure_tls(cfg)
+
+    _cap_malloc_arenas()
 
     async def go() -> int:
         app = RelayApp(cfg, listener_only=listener_only)
