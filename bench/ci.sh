@@ -17,4 +17,6 @@ case $rc in
     3) echo "bench: !!! MESSAGES LOST OR DUPLICATED (see above) !!!" >&2 ;;
     *) echo "bench: did not complete (exit $rc); not failing the build" >&2 ;;
 esac
+# Claim time and memory against queue depth (10k, 100k, 1M recipients; ~40 s).
+timeout 300 "$PY" bench/queue_depth.py || echo "bench: queue_depth did not complete" >&2
 exit 0
