@@ -5,9 +5,10 @@ switch, a wake-up of the event loop, SQLAlchemy's execution machinery). The acce
 transaction ran seven of them per message: the rate bucket read and write, the
 message, recipients and events, the counter upserts (issue 9: 14 statements per
 message in a listener process, about 0.3 ms of CPU each). Here one function does them
-all on the thread, with the same SQL and the same order, inside the caller's write
-block (its SAVEPOINT and the group commit stay SQLAlchemy's). PostgreSQL keeps the
-portable path in ``Store.accept``: there a statement is a network round trip anyway.
+all on the thread, with the same SQL and the same order, as a group-commit thread job
+(groupcommit.py runs a batch of them, each in its SAVEPOINT, in one trip). PostgreSQL
+keeps the portable path in ``Store.accept``: there a statement is a network round trip
+anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relay.errors import StoreUnavailable
 from relay.queue.dialect import gcra_next
 
 T = TypeVar("T")
@@ -38,7 +38,8 @@ _COUNTER_SUM = 'SELECT coalesce(sum(value), 0) FROM counter WHERE "key" = ? AND 
 
 
 @functools.lru_cache(maxsize=16)
-def _insert(table: str, columns: tuple[str, ...]) -> str:
+def insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """INSERT with one :named parameter per column (sqlite3 takes the row dicts)."""
     names = ", ".join(f'"{c}"' for c in columns)
     return f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + c for c in columns)})"
 
@@ -89,14 +90,8 @@ class Refusal(Exception):
 
 
 def accept_job(raw: sqlite3.Connection, rows: AcceptRows) -> None:
-    """A group-commit thread job (groupcommit.py): the accept, or Refusal."""
-    refused = _accept(raw, rows)
-    if refused is not None:
-        raise Refusal(refused)
-
-
-def _accept(raw: sqlite3.Connection, rows: AcceptRows) -> AcceptRefused | None:
-    """On the SQLite thread, inside the caller's transaction."""
+    """A group-commit thread job (groupcommit.py), on the SQLite thread: the accept, or
+    Refusal (the job's SAVEPOINT then undoes what it wrote)."""
     cur = raw.cursor()
     try:
         b = rows.bucket
@@ -105,21 +100,20 @@ def _accept(raw: sqlite3.Connection, rows: AcceptRows) -> AcceptRefused | None:
             tat = None if found is None else float(found[0])
             wait, new_tat = gcra_next(tat, b.now, b.interval, b.tolerance, b.amount)
             if wait > 0:
-                return AcceptRefused(wait=wait)
+                raise Refusal(AcceptRefused(wait=wait))
             if tat is None:
                 cur.execute(_GCRA_INSERT, (b.key, new_tat))
             else:
                 cur.execute(_GCRA_UPDATE, (new_tat, b.key))
-        cur.execute(_insert("message", tuple(rows.message)), rows.message)
-        cur.executemany(_insert("recipient", tuple(rows.recipients[0])), rows.recipients)
-        cur.executemany(_insert("event", tuple(rows.events[0])), rows.events)
+        cur.execute(insert_sql("message", tuple(rows.message)), rows.message)
+        cur.executemany(insert_sql("recipient", tuple(rows.recipients[0])), rows.recipients)
+        cur.executemany(insert_sql("event", tuple(rows.events[0])), rows.events)
         for i, c in enumerate(rows.counts):
             cur.execute(_COUNTER_ADD, (c.key, c.window, c.amount, c.expires_at)).fetchall()
             if c.limit is not None:
                 total = cur.execute(_COUNTER_SUM, (c.key, c.since)).fetchone()[0]
                 if int(total or 0) > c.limit:
-                    return AcceptRefused(count=i)
-        return None
+                    raise Refusal(AcceptRefused(count=i))
     finally:
         cur.close()
 
@@ -130,10 +124,7 @@ async def run_on_thread(conn: AsyncConnection, fn: Callable[..., T], *args: Any)
     fairy = await conn.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
     aio = adapted._connection
-    try:
-        async with adapted._execute_mutex:
-            result: T = await aio._execute(fn, aio._conn, *args)
-    except sqlite3.OperationalError as exc:
-        # Locked or I/O errors: the same answer the SQLAlchemy path gives (451, retry).
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    # sqlite3 errors come back as they are; Store._unavailable makes them a 451.
+    async with adapted._execute_mutex:
+        result: T = await aio._execute(fn, aio._conn, *args)
     return result

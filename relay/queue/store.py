@@ -8,12 +8,11 @@ share one queue.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -318,10 +317,7 @@ _SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
 _OUTCOME_SQL = {id(stmt): _sqlite_sql(stmt) for stmt in (_OUTCOME, _OUTCOME_DUE)}
 _ACCOUNT_OF_MESSAGE_SQL = "SELECT account_id FROM message WHERE id = ?"
 _EVENT_COLUMNS = ("at", "kind", "account_id", "message_id", "recipient", "data", "node_id")
-_INSERT_EVENT_SQL = (
-    f"INSERT INTO event ({', '.join(_EVENT_COLUMNS)})"
-    f" VALUES ({', '.join(':' + c for c in _EVENT_COLUMNS)})"
-)
+_INSERT_EVENT_SQL = sqlite_onetrip.insert_sql("event", _EVENT_COLUMNS)
 
 
 def _outcomes_on_thread(raw: sqlite3.Connection, steps: list[_OutcomeStep]) -> int:
@@ -432,18 +428,15 @@ class Store:
             # After COMMIT: drop cached rows this block (or its batch) changed.
             self.cache.after_write()
 
+    def _locked(self) -> AbstractAsyncContextManager[None]:
+        """The cross-process write lock (SQLite files), or nothing to wait for."""
+        return self._write_lock.held() if self._write_lock is not None else nullcontext()
+
     @asynccontextmanager
     async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if self._write_lock is not None:
-                    await stack.enter_async_context(self._write_lock.held())
-                conn = await stack.enter_async_context(self.engine.begin())
-                yield conn
-        except Exception as exc:
-            if not _transient(exc):
-                raise
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        # Errors reach the caller through _write / _thread_job, which translate them.
+        async with self._locked(), self.engine.begin() as conn:
+            yield conn
 
     async def _thread_job(
         self, fn: Callable[[sqlite3.Connection, T], R], arg: T, urgent: bool = False
@@ -461,10 +454,8 @@ class Store:
     async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
         """A connection under the write lock, no transaction open: for a batch of thread
         jobs that runs BEGIN ... COMMIT itself on the SQLite thread (groupcommit.py)."""
-        async with contextlib.AsyncExitStack() as stack:
-            if self._write_lock is not None:
-                await stack.enter_async_context(self._write_lock.held())
-            yield await stack.enter_async_context(self.engine.connect())
+        async with self._locked(), self.engine.connect() as conn:
+            yield conn
 
     @asynccontextmanager
     async def _read(self, single: bool = False) -> AsyncIterator[AsyncConnection]:
@@ -539,28 +530,27 @@ class Store:
         return self._account(row), row.password_hash
 
     async def get_account(self, name: str) -> Account:
+        where = account.c.name == name
+        return await self._cached_account(("account", name), where, f"named {name!r}")
+
+    async def get_account_by_id(self, account_id: int) -> Account:
+        where = account.c.id == account_id
+        return await self._cached_account(
+            ("account_id", account_id), where, f"with id {account_id}"
+        )
+
+    async def _cached_account(
+        self, key: tuple[str, object], where: sa.ColumnElement[bool], described: str
+    ) -> Account:
         async def load() -> Account | None:
             async with self._read(single=True) as conn:
-                q = sa.select(account).where(account.c.name == name)
-                row = (await conn.execute(q)).first()
+                row = (await conn.execute(sa.select(account).where(where))).first()
             return None if row is None else self._account(row)
 
         # Only active accounts are cached: a resume from the CLI applies at once.
-        found = await self.cache.fetch(("account", name), load, _active)
+        found = await self.cache.fetch(key, load, _active)
         if found is None:
-            raise NotFound(f"no account named {name!r}")
-        return found
-
-    async def get_account_by_id(self, account_id: int) -> Account:
-        async def load() -> Account | None:
-            async with self._read(single=True) as conn:
-                q = sa.select(account).where(account.c.id == account_id)
-                row = (await conn.execute(q)).first()
-            return None if row is None else self._account(row)
-
-        found = await self.cache.fetch(("account_id", account_id), load, _active)
-        if found is None:
-            raise NotFound(f"no account with id {account_id}")
+            raise NotFound(f"no account {described}")
         return found
 
     async def list_accounts(self) -> list[Account]:

@@ -26,14 +26,7 @@ from relay.passwords import hash_password
 from relay.queue.store import NewMessage, NewRecipient, Store
 from relay.queue.tables import event
 from tests.support.dnsserver import DNSServer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.store import Clock
 
 
 @dataclasses.dataclass

@@ -17,16 +17,9 @@ from relay.model import EventKind, Outcome, RecipientStatus
 from relay.queue import events as q
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
 from tests.support.hooks import HookReceiver
+from tests.support.store import Clock
 
 DAY0 = 1_700_006_400.0  # 2023-11-15 00:00:00 UTC
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

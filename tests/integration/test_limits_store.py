@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import DatabaseConfig, LimitsConfig, WarmupStep
+from relay.config import LimitsConfig, WarmupStep
 from relay.delivery.scheduler import HeldScheduler
 from relay.intake import Intake, parse
 from relay.model import Account, RecipientStatus, Stage
@@ -23,23 +23,10 @@ from relay.policy.engine import Request
 from relay.policy.limits import DailyQuota, Limits, PerRecipientHourly, RateLimit, SubjectLimit
 from relay.queue import limits as q
 from relay.queue.store import CounterLimitExceeded, NewRecipient, Store
+from tests.support.store import Clock, open_store
 
 # 2026-03-02 00:00:00 UTC: a Monday, the start of an hour and a day.
 T0 = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def open_store(path: Path, clock: Clock) -> Store:
-    store = Store.open(DatabaseConfig(url=f"sqlite+aiosqlite:///{path}"), node_id="t", clock=clock)
-    await store.migrate()
-    return store
 
 
 @pytest.fixture

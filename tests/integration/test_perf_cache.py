@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import DatabaseConfig, LimitsConfig, SMTPConfig
+from relay.config import LimitsConfig, SMTPConfig
 from relay.intake import Intake, parse
 from relay.model import Account, AccountStatus, DomainStatus
 from relay.passwords import hash_password
@@ -18,23 +18,9 @@ from relay.queue import limits as q
 from relay.queue import reputation as rq
 from relay.queue.store import NewRecipient, RateLimited, Store
 from relay.smtp.auth import Authenticator
+from tests.support.store import Clock, open_store
 
 T0 = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def open_store(path: Path, clock: Clock, cache_seconds: float = 5.0) -> Store:
-    url = f"sqlite+aiosqlite:///{path}"
-    store = Store.open(DatabaseConfig(url=url, cache_seconds=cache_seconds), "t", clock)
-    await store.migrate()
-    return store
 
 
 @pytest.fixture

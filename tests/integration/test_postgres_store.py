@@ -17,23 +17,16 @@ from relay.errors import NotMigrated
 from relay.queue import migrate
 from relay.queue.store import NewMessage, NewRecipient, Store
 from tests.support.relayproc import MakeRelay, RelayError
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.store import Clock
 
 
 @pytest.fixture
-def clock() -> Iterator[FakeClock]:
-    yield FakeClock()
+def clock() -> Iterator[Clock]:
+    yield Clock()
 
 
 @pytest.fixture
-async def stores(db_url: str, clock: FakeClock) -> AsyncIterator[tuple[Store, Store]]:
+async def stores(db_url: str, clock: Clock) -> AsyncIterator[tuple[Store, Store]]:
     cfg = DatabaseConfig(url=db_url, pool_size=5, statement_timeout=30)
     a = Store.open(cfg, node_id="node-a", clock=clock)
     b = Store.open(cfg, node_id="node-b", clock=clock)
@@ -122,7 +115,7 @@ async def test_two_nodes_claiming_at_once_never_lease_the_same_recipient(
 
 
 async def test_a_lease_that_runs_out_is_taken_over_by_the_other_node(
-    stores: tuple[Store, Store], clock: FakeClock
+    stores: tuple[Store, Store], clock: Clock
 ) -> None:
     a, b = stores
     await _seed(a, 3)

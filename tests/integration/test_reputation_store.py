@@ -32,17 +32,10 @@ from relay.queue import reputation as q
 from relay.queue.store import NewMessage, NewRecipient, Store
 from relay.reputation.service import Reputation
 from relay.reputation.tokens import TokenKind
+from tests.support.store import Clock
 
 DSN_DIR = Path(__file__).parent.parent / "unit" / "dsn_samples"
 DAY = 86400.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
