@@ -35,15 +35,9 @@ from relay.health import database_file_ok
 from relay.http.metrics import MetricsServer
 from relay.http.server import HTTPContext, HTTPServer
 from relay.intake import Intake
-from relay.policy.checks import MaxRecipients, SenderDomain
-from relay.policy.engine import Check, Policy
-from relay.policy.limits import Limits, RateLimit, limit_checks
-from relay.policy.reputation_checks import (
-    AccountSuspended,
-    Blocklisted,
-    RequireAuthOrInbound,
-    Suppressed,
-)
+from relay.policy.build import build_checks
+from relay.policy.engine import Policy
+from relay.policy.limits import Limits, RateLimit
 from relay.processes import ListenerProcesses, ParentLink
 from relay.queue.store import RateTake, Store
 from relay.reputation.service import Reputation
@@ -58,22 +52,6 @@ log = logging.getLogger("relay")
 
 def _nothing(*_: object) -> None:
     return None
-
-
-def build_checks(cfg: Config, store: Store) -> list[Check]:
-    """The ordered policy checks; the first refusal wins."""
-    return [
-        RequireAuthOrInbound(Reputation(cfg, store)),
-        AccountSuspended(store),
-        MaxRecipients(cfg.smtp.max_recipients),
-        Blocklisted(store),
-        Suppressed(store),
-        SenderDomain(store),
-        *limit_checks(Limits(cfg.limits, store)),
-        # RateLimit takes tokens: keep it the last DATA check, after every refusal. It
-        # takes them inside the accept transaction (RelayApp._rate_take, issue 9).
-        RateLimit(Limits(cfg.limits, store), in_accept=True),
-    ]
 
 
 class RelayApp:

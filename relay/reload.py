@@ -130,8 +130,8 @@ async def _reload(app: RelayApp) -> bool:
 
 def apply(app: RelayApp, new: Config) -> None:
     """Swap the live parts over to ``new`` (restart-only keys keep their old value)."""
-    from relay.app import build_checks
     from relay.delivery.mx import make_resolver
+    from relay.policy.build import build_checks
 
     old = app.cfg
     keep = dataclasses.replace(

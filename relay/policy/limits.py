@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -93,12 +93,29 @@ class Limits:
         self.cfg = cfg
         self.store = store
         self.tz = ZoneInfo(cfg.timezone)
+        # account id -> (overrides, level row, limits): for_account runs up to five times
+        # per message; the rows come from the store's cache, so the same two objects give
+        # the same limits (issue 9). A row read again (cache expiry, a write) is a new
+        # object and the limits are worked out anew.
+        self._derived: dict[int, tuple[Mapping[str, str], q.LevelRow | None, AccountLimits]] = {}
 
     # ------------------------------------------------------------------ effective limits
 
     async def for_account(self, account: Account) -> AccountLimits:
-        ov = await q.get_overrides(self.store, "account", account.name)
+        ov = await q.cached_overrides(self.store, "account", account.name)
         row = await q.get_level(self.store, account.id)
+        seen = self._derived.get(account.id)
+        if seen is not None and seen[0] is ov and seen[1] is row and seen[2].name == account.name:
+            return seen[2]
+        limits = self._for_account(account, ov, row)
+        if len(self._derived) >= 10_000:
+            self._derived.clear()
+        self._derived[account.id] = (ov, row, limits)
+        return limits
+
+    def _for_account(
+        self, account: Account, ov: Mapping[str, str], row: q.LevelRow | None
+    ) -> AccountLimits:
         table = reputation.level_table(self.cfg)
         level = min(row.level if row else 0, len(table) - 1)
         daily, source = table[level], f"reputation level {level + 1} of {len(table)}"
@@ -170,11 +187,18 @@ class Limits:
         frees = next((w + DAY for w, v in rows if v > 0), None)
         return Usage(used, frees)
 
-    async def rcpt_usage(self, account_id: int, address: str) -> Usage:
-        now = self.store.clock()
-        since = math.floor(now / RCPT_BUCKET) * RCPT_BUCKET - HOUR + RCPT_BUCKET
-        rows = await q.counter_windows(self.store, self.rcpt_key(account_id, address), since)
+    def rcpt_since(self, now: float) -> float:
+        """Start of the per-recipient count's rolling hour (1-minute windows)."""
+        return math.floor(now / RCPT_BUCKET) * RCPT_BUCKET - HOUR + RCPT_BUCKET
+
+    def rcpt_usage_of(self, rows: list[tuple[float, int]]) -> Usage:
+        """The per-recipient usage from its counter windows (``rcpt_since`` on)."""
         return Usage(sum(v for _, v in rows), next((w + HOUR for w, v in rows if v > 0), None))
+
+    async def rcpt_usage(self, account_id: int, address: str) -> Usage:
+        since = self.rcpt_since(self.store.clock())
+        rows = await q.counter_windows(self.store, self.rcpt_key(account_id, address), since)
+        return self.rcpt_usage_of(rows)
 
     def warmup_keys(self, domain_name: str, now: float) -> tuple[str, float, str, float]:
         day = warmup.local_date(now, self.tz)
@@ -363,6 +387,9 @@ class PerRecipientHourly:
             return None
         acct = await self.limits.for_account(request.account)
         usage = await self.limits.rcpt_usage(request.account.id, request.rcpt)
+        return self.verdict(request.rcpt, acct, usage)
+
+    def verdict(self, rcpt: str, acct: AccountLimits, usage: Usage) -> Verdict | None:
         if usage.used < acct.per_recipient_hourly:
             return None
         now = self.limits.store.clock()
@@ -370,7 +397,7 @@ class PerRecipientHourly:
         return Verdict(
             450,
             "4.2.1",
-            f"Too many messages to <{request.rcpt}>: at most {acct.per_recipient_hourly} per hour"
+            f"Too many messages to <{rcpt}>: at most {acct.per_recipient_hourly} per hour"
             f" from one account (per_recipient_hourly); retry after {utc(frees)}"
             f" (in {_in(frees - now)})",
             self.name,
@@ -452,10 +479,3 @@ def _rate_text(acct: AccountLimits) -> str:
         f"Sending rate exceeded: at most {acct.rate} recipients per second for account"
         f" {acct.name} (rate); retry in {{wait}} s"
     )
-
-
-def limit_checks(
-    limits: Limits,
-) -> Sequence[SubjectLimit | LineLength | PerRecipientHourly | DailyQuota]:
-    """The checks in order; RateLimit is separate so it runs last at DATA (it takes tokens)."""
-    return (SubjectLimit(limits), LineLength(), PerRecipientHourly(limits), DailyQuota(limits))

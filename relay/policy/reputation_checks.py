@@ -79,7 +79,9 @@ class Blocklisted:
     async def __call__(self, request: Request) -> Verdict | None:
         if request.account is None or request.rcpt is None:
             return None
-        entry = await q.blocklist_get(self.store, request.rcpt)
+        return self.verdict(await q.blocklist_get(self.store, request.rcpt))
+
+    def verdict(self, entry: q.BlockEntry | None) -> Verdict | None:
         if entry is None:
             return None
         reason = " ".join(entry.reason.split())[:200]
@@ -107,7 +109,9 @@ class Suppressed:
         if request.account is None or request.rcpt is None or not request.mail_from:
             return None
         dom = domain_of(request.mail_from)
-        entry = await q.suppression_get(self.store, dom, request.rcpt)
+        return self.verdict(dom, await q.suppression_get(self.store, dom, request.rcpt))
+
+    def verdict(self, dom: str, entry: q.Suppression | None) -> Verdict | None:
         if entry is None:
             return None
         what = "reported mail from" if entry.reason == "complaint" else "unsubscribed from"

@@ -8,7 +8,7 @@ transaction and takes its time from the caller (the store's injected clock).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -31,6 +31,14 @@ from relay.queue.tables import (
 
 
 async def get_overrides(store: Store, scope: str, name: str) -> dict[str, str]:
+    # A copy, so a caller editing it cannot change the cache.
+    return dict(await cached_overrides(store, scope, name))
+
+
+async def cached_overrides(store: Store, scope: str, name: str) -> Mapping[str, str]:
+    """The overrides as cached (not a copy): the same object until the cache drops it,
+    so a caller may memoize what it derives from it by identity. Never modify it."""
+
     async def load() -> dict[str, str]:
         async with store._read() as conn:
             rows = (
@@ -43,8 +51,8 @@ async def get_overrides(store: Store, scope: str, name: str) -> dict[str, str]:
         return {r.key: r.value for r in rows}
 
     # Cached (relay/queue/cache.py): `relay limits set` from the CLI applies within
-    # database.cache_seconds. A copy, so a caller editing it cannot change the cache.
-    return dict(await store.cache.fetch(("limit_override", scope, name), load))
+    # database.cache_seconds.
+    return await store.cache.fetch(("limit_override", scope, name), load)
 
 
 async def set_override(store: Store, scope: str, name: str, key: str, value: str | None) -> None:
@@ -95,7 +103,7 @@ async def take_tokens(
 
 # Read per message (daily quota) and per RCPT (per-recipient rate): built once, not per
 # call (issue 9: building a statement and its cache key costs more than running it).
-_COUNTER_WINDOWS = (
+COUNTER_WINDOWS = (
     sa.select(counter.c.window_start, counter.c.value)
     .where(counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since"))
     .order_by(counter.c.window_start)
@@ -104,9 +112,8 @@ _COUNTER_WINDOWS = (
 
 async def counter_windows(store: Store, key: str, since: float) -> list[tuple[float, int]]:
     """(window_start, value) of one key since ``since``, oldest first."""
-    async with store._read(single=True) as conn:
-        rows = (await conn.execute(_COUNTER_WINDOWS, {"key": key, "since": since})).all()
-    return [(float(r.window_start), int(r.value)) for r in rows]
+    rows = await store._read_rows(COUNTER_WINDOWS, {"key": key, "since": since})
+    return [(float(w), int(v)) for w, v in rows]
 
 
 async def top_counters(

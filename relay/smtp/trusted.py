@@ -71,9 +71,18 @@ class TrustedNetworks:
     def __init__(self, store: Store, mapping: Mapping[str, str]) -> None:
         self.store = store
         self.networks = parse_networks(mapping)
+        # client address -> account name (or None): parsing the address and walking the
+        # networks cost more than the cached account read, per session (issue 9).
+        self._names: dict[str, str | None] = {}
 
     async def account_for(self, ip: str) -> Account | None:
-        name = account_name_for(self.networks, ip)
+        try:
+            name = self._names[ip]
+        except KeyError:
+            name = account_name_for(self.networks, ip)
+            if len(self._names) >= 4096:
+                self._names.clear()
+            self._names[ip] = name
         if name is None:
             return None
         try:

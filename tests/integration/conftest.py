@@ -7,6 +7,10 @@ Adopt it by passing the URL to the relay::
     def test_x(make_relay, db_url):
         relay = make_relay({"database": {"url": db_url}})
 
+``clock`` and ``stores``: in-process store tests' clock (a Monday, 2026-03-02, 00:00 UTC;
+modules may define their own) and the server's store with a second one on the same
+SQLite file standing in for the CLI.
+
 ``pg_cluster`` is a PostgreSQL server of the test's own (initdb in tmp_path, a free loopback
 port) that the test may stop and start: for "the database went away" tests, which must not
 take down the shared server.
@@ -15,17 +19,34 @@ take down the shared server.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from relay.queue.store import Store
 from tests.support.net import LOOPBACK, free_port, port_accepts
+from tests.support.store import Clock, server_and_cli
+
+MONDAY = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(MONDAY)
+
+
+@pytest.fixture
+async def stores(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[Store, Store]]:
+    """The server's store (row cache on) and a second one on the same file: the CLI."""
+    async with server_and_cli(tmp_path / "relay.db", clock) as pair:
+        yield pair
 
 
 @pytest.fixture(

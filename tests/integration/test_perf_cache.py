@@ -3,10 +3,6 @@ the remembered AUTH verification, against a real SQLite database."""
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from relay.config import LimitsConfig, SMTPConfig
@@ -18,24 +14,6 @@ from relay.queue import limits as q
 from relay.queue import reputation as rq
 from relay.queue.store import NewRecipient, RateLimited, Store
 from relay.smtp.auth import Authenticator
-from tests.support.store import Clock, open_store
-
-T0 = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(T0)
-
-
-@pytest.fixture
-async def stores(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[Store, Store]]:
-    """The server's store and a second one on the same file standing in for the CLI."""
-    server = await open_store(tmp_path / "relay.db", clock)
-    cli = await open_store(tmp_path / "relay.db", clock, cache_seconds=0)
-    yield server, cli
-    await server.close()
-    await cli.close()
 
 
 async def sender(store: Store) -> Account:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from relay.config import DatabaseConfig
@@ -24,3 +26,16 @@ async def open_store(path: Path, clock: Clock, cache_seconds: float = 5.0) -> St
     store = Store.open(DatabaseConfig(url=url, cache_seconds=cache_seconds), "t", clock)
     await store.migrate()
     return store
+
+
+@contextlib.asynccontextmanager
+async def server_and_cli(path: Path, clock: Clock) -> AsyncIterator[tuple[Store, Store]]:
+    """The server's store (row cache on) and a second one on the same file standing in
+    for the CLI (no cache): what one process writes, the other must see."""
+    server = await open_store(path, clock)
+    cli = await open_store(path, clock, cache_seconds=0)
+    try:
+        yield server, cli
+    finally:
+        await server.close()
+        await cli.close()

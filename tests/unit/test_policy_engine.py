@@ -1,0 +1,79 @@
+"""The policy engine: ordered checks, first refusal wins, fail safe on error or timeout."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.model import Stage, Verdict
+from relay.policy.engine import CHECK_FAILED, Policy, Request
+
+NO = Verdict(550, "5.7.1", "no", "no")
+
+
+class Fixed:
+    def __init__(self, name: str, verdict: Verdict | None, delay: float = 0.0) -> None:
+        self.name = name
+        self.stages = frozenset({Stage.RCPT})
+        self.verdict = verdict
+        self.delay = delay
+        self.calls = 0
+
+    async def __call__(self, request: Request) -> Verdict | None:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self.verdict
+
+
+class Raises(Fixed):
+    async def __call__(self, request: Request) -> Verdict | None:
+        self.calls += 1
+        raise RuntimeError("database on fire")
+
+
+def rcpt() -> Request:
+    return Request(Stage.RCPT, "submission", "127.0.0.1", rcpt="b@example.org")
+
+
+async def test_first_refusal_wins_and_later_checks_do_not_run() -> None:
+    first, refuses, later = Fixed("a", None), Fixed("b", NO), Fixed("c", None)
+    assert await Policy([first, refuses, later]).check(rcpt()) == NO
+    assert (first.calls, refuses.calls, later.calls) == (1, 1, 0)
+
+
+async def test_checks_of_other_stages_are_skipped() -> None:
+    other = Fixed("mail", NO)
+    other.stages = frozenset({Stage.MAIL})
+    verdict = await Policy([other]).check(rcpt())
+    assert verdict.ok and other.calls == 0
+
+
+async def test_a_check_that_raises_gives_a_temporary_failure() -> None:
+    later = Fixed("later", None)
+    assert await Policy([Raises("boom", None), later]).check(rcpt()) == CHECK_FAILED
+    assert CHECK_FAILED.reply.startswith("451 4.3.0") and later.calls == 0
+
+
+async def test_a_check_over_the_timeout_gives_a_temporary_failure() -> None:
+    slow = Fixed("slow", None, delay=5.0)
+    started = asyncio.get_running_loop().time()
+    assert await Policy([slow], timeout=0.05).check(rcpt()) == CHECK_FAILED
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_the_timeout_is_per_check_not_per_stage() -> None:
+    # Three checks of 40 ms each under a 100 ms timeout: none is over, all pass.
+    checks = [Fixed(f"c{i}", None, delay=0.04) for i in range(3)]
+    assert (await Policy(checks, timeout=0.1).check(rcpt())).ok
+
+
+async def test_cancelling_the_session_is_not_turned_into_a_verdict() -> None:
+    task = asyncio.ensure_future(Policy([Fixed("slow", None, delay=5.0)]).check(rcpt()))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the cancellation was swallowed")
