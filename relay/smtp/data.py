@@ -1,22 +1,20 @@
-"""Reading a DATA body (RFC 5321 §4.1.1.4, §4.5.2) in chunks instead of line by line.
+"""A DATA body (RFC 5321 §4.1.1.4, §4.5.2): where it ends, and what it is once it has.
 
-aiosmtpd reads DATA one line per ``readuntil(b"\\r\\n")`` and runs its bookkeeping in
-Python per line: about 1,300 round trips through the stream reader for a 100 KB body,
-most of the listener's CPU for large messages (issue 9, py-spy: 16% of the listener
-process in aiosmtpd's smtp_DATA at 100 KB). Here the reader is asked for everything up
-to the next ``.\\r\\n``; that is the terminator only when a CRLF precedes it (or it opens
-the body), so a body is read in a few calls, each returning as much as has arrived.
-Dot-unstuffing and the checks are whole-buffer operations in C.
+The session (relay/smtp/protocol.py) keeps the bytes a client sent in one buffer. During
+DATA it asks ``body_end`` where the terminator is, scanning only what arrived since its
+last look, so a body is found in a few C-speed ``find`` calls however it is cut into
+packets (aiosmtpd read it one ``readuntil`` per line: ~1,300 round trips through the
+stream reader for a 100 KB body, issue 9). ``finish`` checks and unstuffs the whole body
+at once, also in C.
 
-Same answers as aiosmtpd: a line longer than 1,001 octets with its CRLF (RFC 5321
-§4.5.3.1.6) or a body over the size limit is read to its end, then refused (500 / 552).
-Only CRLF.CRLF ends the body: a bare-LF ``\\n.\\r\\n`` or ``\\r\\n.\\n`` is body text
-(the SMTP smuggling forms).
+Only CRLF.CRLF ends the body (or "." CRLF as its very first line): a bare-LF
+``\\n.\\r\\n`` or ``\\r\\n.\\n`` is body text (the SMTP smuggling forms). A line longer
+than the line limit or a body over the size limit is read to its end, then refused
+(500 / 552), so the client hears the answer to the DATA it sent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
 
@@ -41,33 +39,21 @@ def longest_line(data: bytes) -> int:
     return max(map(len, data.split(b"\r\n")), default=0) + 2
 
 
-async def read_body(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> Body:
-    """Read up to and including the terminator. Raises IncompleteReadError at EOF."""
-    buf = bytearray()
-    total = 0
-    state = DataState.OK
-    while True:
-        try:
-            chunk = await reader.readuntil(_END)
-        except asyncio.LimitOverrunError as exc:
-            # No ".\r\n" among the buffered bytes (the reader's limit is a line): take all
-            # but a possible partial ".\r" at the end and ask again.
-            chunk = await reader.readexactly(exc.consumed)
-        total += len(chunk)
-        if state is DataState.OK and size_limit and total > size_limit + len(_END):
-            state = DataState.TOO_MUCH
-        if state is DataState.OK:
-            buf += chunk
-            done = buf.endswith(_TERMINATOR) or buf == _END
-        else:
-            # Discarding: keep only what is needed to see the terminator.
-            buf = buf[-4:] + chunk
-            done = buf.endswith(_TERMINATOR)
-        if done:
-            break
-    if state is not DataState.OK:
-        return Body(state)
-    content = bytes(buf[:-3])  # the final ".\r\n"; the CRLF before it ends the last line
+def body_end(buf: bytes | bytearray, scanned: int = 0) -> int:
+    """The offset just past the terminator in ``buf`` (which starts at the body's first
+    octet), or -1. ``scanned``: bytes already looked at without finding it."""
+    if buf.startswith(_END):
+        return len(_END)
+    # The terminator may straddle what was scanned and what arrived since: back up 4.
+    i = buf.find(_TERMINATOR, max(0, scanned - len(_TERMINATOR) + 1))
+    return -1 if i < 0 else i + len(_TERMINATOR)
+
+
+def finish(raw: bytes, size_limit: int | None, line_limit: int) -> Body:
+    """The body from ``raw`` (everything up to and including its terminator)."""
+    content = raw[: -len(_END)]  # the CRLF before the final "." ends the last line
+    if size_limit and len(content) > size_limit:
+        return Body(DataState.TOO_MUCH)
     if longest_line(content) > line_limit:
         return Body(DataState.TOO_LONG)
     # RFC 5321 §4.5.2: a line beginning with "." had one more "." put in front.

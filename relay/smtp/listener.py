@@ -75,7 +75,6 @@ async def start_listeners(
                 ident="relay ESMTP",
                 tls_context=None if implicit else tls,
                 timeout=cfg.smtp.timeout,
-                loop=loop,
             )
 
         server = await loop.create_server(
