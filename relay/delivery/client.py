@@ -14,14 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
-
 from relay import metrics
-from relay.delivery import transparency
 from relay.delivery.mx import Target
+from relay.delivery.smtpclient import Reply, ReplyError, SessionBroken, SMTPConnection
 from relay.model import Outcome, RecipientStatus
-
-transparency.install()
 
 log = logging.getLogger("relay.delivery")
 
@@ -72,30 +68,28 @@ class DestinationSession:
         self.source_address = source_address
         self._tls = _client_tls()
 
-    async def _open(self, targets: Sequence[Target]) -> tuple[aiosmtplib.SMTP, str, bool] | Outcome:
+    async def _open(self, targets: Sequence[Target]) -> tuple[SMTPConnection, str, bool] | Outcome:
         """Connect to the first target that answers 2xx; an Outcome when none does."""
         last = Outcome(RecipientStatus.DEFERRED, "4.4.1 No MX host could be reached", None)
         for target in targets:
             for addr in target.addresses:
-                client = aiosmtplib.SMTP(
-                    hostname=addr,
-                    port=target.port,
-                    local_hostname=self.helo,
-                    timeout=self.connect_timeout,
-                    start_tls=False,
-                    source_address=(self.source_address, 0) if self.source_address else None,
-                )
+                client: SMTPConnection | None = None
                 try:
-                    await client.connect()
+                    client = await SMTPConnection.open(
+                        addr,
+                        target.port,
+                        connect_timeout=self.connect_timeout,
+                        source_address=self.source_address,
+                    )
                     client.timeout = self.command_timeout
-                    await client.ehlo()
+                    await client.ehlo(self.helo)
                     tls = False
-                    if client.supports_extension("starttls"):
-                        await client.starttls(tls_context=self._tls)
-                        await client.ehlo()
+                    if client.supports("STARTTLS"):
+                        await client.starttls(self._tls, target.name)
+                        await client.ehlo(self.helo)
                         tls = True
                     elif self.require_tls:
-                        await _quit(client)
+                        await client.quit()
                         last = Outcome(
                             RecipientStatus.DEFERRED,
                             f"4.7.5 {target.name} does not offer STARTTLS and"
@@ -105,21 +99,22 @@ class DestinationSession:
                         continue
                     metrics.delivery_connection(tls)  # metrics
                     return client, target.name, tls
-                except aiosmtplib.SMTPResponseException as exc:
+                except ReplyError as exc:
                     last = Outcome(
                         RecipientStatus.DEFERRED,
-                        f"{exc.code} {exc.message} (greeting from {target.name})",
+                        f"{exc.code} {exc.text} (greeting from {target.name})",
                         target.name,
                         code=exc.code,
                     )
-                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                except (SessionBroken, OSError, TimeoutError) as exc:
                     last = Outcome(
                         RecipientStatus.DEFERRED,
                         f"4.4.1 Connection to {target.name} [{addr}]:{target.port} failed:"
                         f" {type(exc).__name__}: {exc}".strip(),
                         target.name,
                     )
-                await _quit(client)
+                if client is not None:
+                    await client.quit()
         return last
 
     async def deliver(
@@ -166,7 +161,7 @@ class DestinationSession:
                             o.reply[:200],
                             (time.monotonic() - started) * 1000,
                         )
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            except (SessionBroken, OSError) as exc:
                 # The session died mid-way: the current envelope is unknown-state, so it
                 # is deferred (never assumed delivered); the rest get one fresh session.
                 env = pending.pop(0)
@@ -195,51 +190,59 @@ class DestinationSession:
                     return
                 continue
             finally:
-                await _quit(client)
+                await client.quit()
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, env: Envelope, mx: str, tls: bool
-    ) -> None:
+    async def _transaction(self, client: SMTPConnection, env: Envelope, mx: str, tls: bool) -> None:
         options = [f"SIZE={len(env.data)}"]
         # bytes.isascii runs in C; a Python loop over each byte cost ~5 ms per 100 KB.
-        if client.supports_extension("8bitmime") and not env.data.isascii():
+        if client.supports("8BITMIME") and not env.data.isascii():
             options.append("BODY=8BITMIME")
-        try:
-            await client.mail(env.mail_from, options=options)
-        except aiosmtplib.SMTPResponseException as exc:
-            o = classify(exc.code, exc.message, mx, tls)
+        addresses = [env.mail_from, *(a for _, a in env.recipients)]
+        if not all(a.isascii() for a in addresses):
+            if not client.supports("SMTPUTF8"):
+                # RFC 6531 §3.4: without SMTPUTF8 such a message cannot be sent here.
+                o = Outcome(
+                    RecipientStatus.BOUNCED,
+                    f"550 5.6.7 {mx} does not support SMTPUTF8, needed for a non-ASCII address",
+                    mx,
+                    tls,
+                    550,
+                )
+                for rid, _ in env.recipients:
+                    env.outcomes[rid] = o
+                return
+            options.append("SMTPUTF8")
+        replies = await client.transaction(
+            env.mail_from, options, [a for _, a in env.recipients], env.data
+        )
+        if not replies.mail.ok:
+            o = _classify(replies.mail, mx, tls)
             for rid, _ in env.recipients:
                 env.outcomes[rid] = o
             await _rset(client)
             return
         accepted: list[int] = []
-        for rid, addr in env.recipients:
-            try:
-                await client.rcpt(addr)
+        for (rid, _), reply in zip(env.recipients, replies.rcpts, strict=True):
+            if reply.ok:
                 accepted.append(rid)
-            except aiosmtplib.SMTPResponseException as exc:
-                env.outcomes[rid] = classify(exc.code, exc.message, mx, tls)
+            else:
+                env.outcomes[rid] = _classify(reply, mx, tls)
         if not accepted:
             await _rset(client)
             return
-        try:
-            resp = await client.data(env.data)
-            o = classify(resp.code, resp.message, mx, tls)
-        except aiosmtplib.SMTPResponseException as exc:
-            o = classify(exc.code, exc.message, mx, tls)
+        assert replies.data is not None  # DATA is sent whenever a recipient was accepted
+        o = _classify(replies.data, mx, tls)
+        if not replies.data.ok:
             await _rset(client)
         for rid in accepted:
             env.outcomes[rid] = o
 
 
-async def _rset(client: aiosmtplib.SMTP) -> None:
-    with contextlib.suppress(aiosmtplib.SMTPException):
+def _classify(reply: Reply, mx: str, tls: bool) -> Outcome:
+    return classify(reply.code, reply.text, mx, tls)
+
+
+async def _rset(client: SMTPConnection) -> None:
+    # A failed RSET leaves the session to fail on the next command, which defers it.
+    with contextlib.suppress(SessionBroken, OSError):
         await client.rset()
-
-
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        if client.is_connected:
-            await client.quit()
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        client.close()

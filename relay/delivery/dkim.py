@@ -14,6 +14,7 @@ from typing import Any
 import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from dkim import canonicalization
 
 from relay.domains.keys import signing_key_bytes
 from relay.model import Domain
@@ -109,3 +110,37 @@ def _rsa_sign(hash_obj: Any, private_key: Any) -> bytes:
 # The replacements fall back to dkimpy's own code for anything they do not handle.
 dkim.parse_pem_private_key = _parse_pem
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
+
+
+# ---------------------------------------------------------------------- body passes in C
+
+_dkimpy_rfc822_parse = dkim.rfc822_parse
+_dkimpy_relaxed_body = dkim.canonicalization.Relaxed.canonicalize_body
+
+
+def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's parse, splitting only the header block: dkimpy splits the whole message
+    into lines with a regular expression and joins the body back with CRLF, ~1 ms per
+    100 KB (issue 9). For an all-CRLF message (what intake stores) the body is the bytes
+    after the blank line, unchanged; anything else goes to dkimpy's own code."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0 or message.count(b"\n") != message.count(b"\r\n"):
+        return _dkimpy_rfc822_parse(message)  # type: ignore[no-any-return]
+    headers, _ = _dkimpy_rfc822_parse(message[: end + 4])
+    return headers, message[end + 4 :]
+
+
+def _relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4 relaxed body canonicalization. dkimpy runs two regular-expression
+    substitutions over the body (~4 ms per 100 KB); when the body has no tab, no two
+    spaces in a row and no space before a CRLF they change nothing, which three C-speed
+    searches establish. Only the trailing empty lines are then left to remove."""
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        return _dkimpy_relaxed_body(body)  # type: ignore[no-any-return]
+    return canonicalization.correct_empty_body(  # type: ignore[no-any-return]
+        canonicalization.strip_trailing_lines(body)
+    )
+
+
+dkim.rfc822_parse = _rfc822_parse
+dkim.canonicalization.Relaxed.canonicalize_body = staticmethod(_relaxed_body)

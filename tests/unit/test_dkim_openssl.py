@@ -79,3 +79,31 @@ def test_ed25519_signing_still_verifies() -> None:
     signed = relay_dkim.sign(MESSAGE, _domain(key, "ed25519-sha256", "ed"))
     assert b"a=ed25519-sha256" in signed.replace(b" ", b"")
     assert _verifies(signed, key, "ed")
+
+
+def test_fast_relaxed_body_matches_dkimpys_regex_passes_on_random_bodies() -> None:
+    import random
+
+    rng = random.Random(6376)
+    alphabet = [b"a", b" ", b"  ", b"\t", b"\r\n", b" \r\n", b"\r\n\r\n", b"x y"]
+    for _ in range(3000):
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 25)))
+        assert relay_dkim._relaxed_body(body) == relay_dkim._dkimpy_relaxed_body(body), body
+
+
+def test_fast_header_split_matches_dkimpys_parse() -> None:
+    for message in [
+        MESSAGE,
+        b"From: a@x\r\nSubject: folded\r\n  line\r\n\r\n",
+        b"From: a@x\r\n\r\nbody with bare\nlf\r\n",  # not all-CRLF: dkimpy's own parse
+        b"From: a@x\r\nTo: b@y\r\n",  # no body
+        b"From: a@x\r\n\r\n\r\n.\r\n\r\n",
+    ]:
+        assert relay_dkim._rfc822_parse(message) == relay_dkim._dkimpy_rfc822_parse(message)
+
+
+def test_a_large_signed_body_still_verifies() -> None:
+    key = generate_rsa()
+    body = b"".join(b"line %d of a long newsletter, with  two spaces\r\n" % i for i in range(3000))
+    message = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
+    assert _verifies(relay_dkim.sign(message, _domain(key)), key)
