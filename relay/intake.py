@@ -24,6 +24,10 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 
 
+# RFC 5322 §2.1.1: a line is at most 998 characters, CRLF excluded.
+_RFC5322_LINE = 998
+
+
 def new_queue_id(now: float | None = None) -> str:
     """Sortable by acceptance time (ms, hex) then random: unique across nodes."""
     ms = int((time.time() if now is None else now) * 1000)
@@ -44,6 +48,30 @@ def normalize_line_endings(data: bytes) -> bytes:
     return _EOL.sub(b"\r\n", data)
 
 
+def longest_line(data: bytes) -> int:
+    """Octets of the longest CRLF-ended line, CRLF not counted."""
+    return max(map(len, data.split(b"\r\n")), default=0)
+
+
+def has_line_over(data: bytes, limit: int) -> bool:
+    """True when a line of ``data`` is longer than ``limit`` octets (CRLF not counted).
+
+    Splitting a 100 KB body into its ~1,300 lines to measure them cost ~0.15 ms, twice per
+    message (issue 9). Cut ``data`` into blocks of limit/2 octets: a line longer than
+    ``limit`` holds a whole block with no CRLF in it, so when every block has one, no
+    line is too long. Only a block without a CRLF (a long line, or the body's last few
+    octets) needs the exact measure.
+    """
+    if len(data) <= limit:
+        return False
+    block = max(1, limit // 2)
+    find = data.find
+    for start in range(0, len(data), block):
+        if find(b"\r\n", start, start + block) < 0:
+            return longest_line(data) > limit
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedMessage:
     """The normalised bytes and the header facts policy and storage need."""
@@ -55,7 +83,8 @@ class ParsedMessage:
     subject_ok: bool
     message_id: str
     has_date: bool
-    # Octets of the longest line without CRLF (RFC 5322 §2.1.1: at most 998).
+    # Octets of the longest line without CRLF when it is over RFC 5322 §2.1.1's 998;
+    # 0 when every line is within it (then not measured: see has_line_over).
     longest_line: int = 0
 
     @property
@@ -115,7 +144,7 @@ def parse(data: bytes) -> ParsedMessage:
         subject_ok=subject_ok,
         message_id=str(msg.get("Message-ID", "") or "").strip(),
         has_date=msg.get("Date") is not None,
-        longest_line=max(map(len, data.split(b"\r\n")), default=0),
+        longest_line=longest_line(data) if has_line_over(data, _RFC5322_LINE) else 0,
     )
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from relay.intake import has_line_over
+
 _END = b".\r\n"
 _TERMINATOR = b"\r\n.\r\n"
 
@@ -32,11 +34,6 @@ class DataState(enum.Enum):
 class Body:
     state: DataState
     content: bytes = b""  # unstuffed, every line with its CRLF; empty unless OK
-
-
-def longest_line(data: bytes) -> int:
-    """Octets of the longest line, its CRLF included (C-speed split, no Python loop)."""
-    return max(map(len, data.split(b"\r\n")), default=0) + 2
 
 
 def body_end(buf: bytes | bytearray, scanned: int = 0) -> int:
@@ -54,7 +51,7 @@ def finish(raw: bytes, size_limit: int | None, line_limit: int) -> Body:
     content = raw[: -len(_END)]  # the CRLF before the final "." ends the last line
     if size_limit and len(content) > size_limit:
         return Body(DataState.TOO_MUCH)
-    if longest_line(content) > line_limit:
+    if has_line_over(content, line_limit - 2):  # line_limit counts the CRLF
         return Body(DataState.TOO_LONG)
     # RFC 5321 §4.5.2: a line beginning with "." had one more "." put in front.
     if content.startswith(b"."):

@@ -46,3 +46,19 @@ def test_received_header_strips_hostile_helo() -> None:
         helo="evil\r\nBcc: x@y", client_ip="127.0.0.1", protocol="ESMTPSA", queue_id="Q", rcpt=None
     )
     assert "\r\nBcc" not in line and "from evilBcc:xy " in line
+
+
+def test_has_line_over_agrees_with_measuring_every_line() -> None:
+    import random
+
+    from relay.intake import has_line_over, longest_line
+
+    rng = random.Random(5322)
+    for _ in range(2000):
+        lines = [
+            b"x" * rng.choice([0, 1, 5, 9, 10, 11, 19, 20, 21, 40])
+            for _ in range(rng.randrange(0, 12))
+        ]
+        data = b"\r\n".join(lines) + rng.choice([b"", b"\r\n", b"\r", b"\n"])
+        for limit in (1, 2, 9, 10, 11, 20):
+            assert has_line_over(data, limit) == (longest_line(data) > limit), (data, limit)
