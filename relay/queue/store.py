@@ -329,6 +329,58 @@ _EVENT_COLUMNS = ("at", "kind", "account_id", "message_id", "recipient", "data",
 _INSERT_EVENT_SQL = sqlite_onetrip.insert_sql("event", _EVENT_COLUMNS)
 
 
+# claim_due on SQLite, as one thread job (see _claim_on_thread). Same query as
+# _CLAIM_DUE per status, without PostgreSQL's FOR UPDATE.
+_CLAIM_DUE_SQL = (
+    "SELECT recipient.id, recipient.message_id, recipient.address, recipient.rcpt_domain,"
+    " recipient.attempts, recipient.due_at, message.account_id, message.mail_from,"
+    " message.created_at FROM recipient JOIN message ON message.id = recipient.message_id"
+    " WHERE recipient.status = ? AND recipient.due_at <= ? ORDER BY recipient.due_at LIMIT ?"
+)
+_LEASE_SQL = (
+    "UPDATE recipient SET status = ?, lease_owner = ?, due_at = ?, updated_at = ? WHERE id IN ({})"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimStep:
+    owner: str
+    now: float
+    lease_until: float
+    limit: int
+
+
+def _claim_on_thread(raw: sqlite3.Connection, step: _ClaimStep) -> list[Claim]:
+    """claim_due on the SQLite thread (a group-commit thread job): the selects and the
+    lease UPDATE in one trip, so the cross-process write lock is held for the SQLite work
+    alone, not across event-loop turns of a busy delivery process (issue 9: listener
+    accepts waited behind claims)."""
+    found: list[Any] = []
+    for status in CLAIMABLE_STATUSES:
+        found += raw.execute(_CLAIM_DUE_SQL, (status.value, step.now, step.limit)).fetchall()
+    rows = sorted(found, key=lambda r: float(r[5]))[: step.limit]
+    if not rows:
+        return []
+    ids = [r[0] for r in rows]
+    raw.execute(
+        _LEASE_SQL.format(",".join("?" * len(ids))),
+        (RecipientStatus.SENDING.value, step.owner, step.lease_until, step.now, *ids),
+    )
+    return [
+        Claim(
+            recipient_id=r[0],
+            message_id=r[1],
+            account_id=r[6],
+            mail_from=r[7],
+            address=r[2],
+            rcpt_domain=r[3],
+            attempts=r[4],
+            created_at=r[8],
+        )
+        for r in rows
+    ]
+
+
 # id(statement) -> (statement, its SQLite SQL, bound values): compiled once per
 # statement (the callers pass module-level constants; the identity check keeps a
 # recycled id from finding another statement's SQL).
@@ -407,6 +459,8 @@ class Store:
             if self.dialect == "sqlite" and database and database != ":memory:"
             else None
         )
+        if self._write_lock is not None:
+            self._committer.thread_lock = self._write_lock.hold_on_thread
         # Slow-changing rows read per message (accounts, domains, limits): see cache.py.
         self.cache = RowCache(cache_seconds)
         if self.cache.enabled:
@@ -472,12 +526,16 @@ class Store:
             yield conn
 
     async def _thread_job(
-        self, fn: Callable[[sqlite3.Connection, T], R], arg: T, urgent: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection, T], R],
+        arg: T,
+        urgent: bool = False,
+        durable: bool = True,
     ) -> R:
         """SQLite: ``fn(raw_connection, arg)`` as a group-commit thread job; its result once
         committed. Database errors become StoreUnavailable, as ``_write`` does."""
         try:
-            return await self._committer.run(fn, arg, urgent)
+            return await self._committer.run(fn, arg, urgent, durable)
         except Exception as exc:
             if (unavailable := _unavailable(exc)) is None:
                 raise
@@ -485,9 +543,9 @@ class Store:
 
     @asynccontextmanager
     async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
-        """A connection under the write lock, no transaction open: for a batch of thread
-        jobs that runs BEGIN ... COMMIT itself on the SQLite thread (groupcommit.py)."""
-        async with self._locked(), self.engine.connect() as conn:
+        """A connection with no transaction open: for a batch of thread jobs that takes the
+        write lock and runs BEGIN ... COMMIT itself on the SQLite thread (groupcommit.py)."""
+        async with self.engine.connect() as conn:
             yield conn
 
     @asynccontextmanager
@@ -897,6 +955,11 @@ class Store:
         ``sending`` and its lease has run out (its worker died): that is crash recovery.
         """
         now = self.clock()
+        if self.dialect == "sqlite":
+            # Not fsynced on its own, as outcomes: a lease lost to a power cut makes the
+            # row claimable again, which is what a lease is for.
+            step = _ClaimStep(owner, now, now + lease_seconds, limit)
+            return await self._thread_job(_claim_on_thread, step, durable=False)
         async with self._write() as conn:
             # One ordered index range per status, merged here: "status IN (...) ORDER BY
             # due_at" sorted every due row per claim (SQLite: a temp B-tree), so a claim
@@ -999,9 +1062,14 @@ class Store:
         steps = [self._outcome_step(owner, u, now) for u in sorted(updates, key=_by_rcpt)]
         if self.dialect == "sqlite":
             # One thread job: a short hold of the write lock the listener processes share.
-            return await self._thread_job(_outcomes_on_thread, steps, urgent=True)
+            # Not fsynced on its own: an outcome lost to a power cut means one more
+            # delivery, never a lost message (groupcommit._commit_thread_jobs).
+            return await self._thread_job(_outcomes_on_thread, steps, urgent=True, durable=False)
         written = 0
         async with self._write(urgent=True) as conn:
+            # PostgreSQL's equivalent: the COMMIT does not wait for the WAL flush; a server
+            # crash can lose the last outcomes (at-least-once), never corrupt anything.
+            await conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
             for step in steps:
                 row = (await conn.execute(step.statement, step.params)).first()
                 if row is None:

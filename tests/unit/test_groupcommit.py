@@ -148,3 +148,44 @@ async def test_a_cancelled_thread_job_writes_nothing(tmp_path: Path) -> None:
     assert await store._committer.run(_insert, 9) == 90
     assert await _count(store) == [1, 9]
     await store.close()
+
+
+def _synchronous(raw: object, _: None) -> int:
+    """A thread job reporting the connection's PRAGMA synchronous (1 NORMAL, 2 FULL)."""
+    return int(raw.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[attr-defined]
+
+
+async def test_only_a_batch_of_non_durable_jobs_skips_the_fsync(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+    # Alone, a non-durable job (delivery outcomes, claims) commits with synchronous=NORMAL.
+    assert await store._committer.run(_synchronous, None, durable=False) == 1
+    # Beside a durable job (an accept) the whole batch is FULL: the 250 waits for fsync.
+    mixed = await asyncio.gather(
+        store._committer.run(_synchronous, None, durable=False),
+        store._committer.run(_synchronous, None),
+    )
+    assert mixed == [2, 2]
+    # And the connection is back to FULL for whatever comes next.
+    assert await store._committer.run(_synchronous, None) == 2
+    await store.close()
+
+
+async def test_a_thread_batch_waits_for_another_process_holding_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+    import os
+
+    store, _ = await _store(tmp_path)
+    assert store._write_lock is not None
+    # Another process's hold: flock on an open file of its own, as a second process has.
+    other = os.open(store._write_lock.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    job = asyncio.create_task(store._committer.run(_insert, 4))
+    await asyncio.sleep(0.3)
+    assert not job.done(), "the batch committed while another process held the lock"
+    fcntl.flock(other, fcntl.LOCK_UN)
+    os.close(other)
+    assert await asyncio.wait_for(job, 5) == 40
+    assert await _count(store) == [4]
+    await store.close()
