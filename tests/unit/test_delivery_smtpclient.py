@@ -3,10 +3,11 @@ are read as §4.2.1 defines them."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 
-from relay.delivery.smtpclient import Reply, _ReplyReader, stuff
+from relay.delivery.smtpclient import Reply, SMTPConnection, TransactionReplies, _ReplyReader, stuff
 
 # The reference: what aiosmtplib sent (two regular expressions), plus the terminator.
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
@@ -59,3 +60,85 @@ def test_a_line_that_is_not_a_reply_breaks_the_session() -> None:
     reader = _ReplyReader()
     reader.data_received(b"HTTP/1.1 400 Bad Request\r\n")
     assert reader.error is not None and "not an SMTP reply" in str(reader.error)
+
+
+class ScriptedMX:
+    """A loopback server that offers PIPELINING and answers MAIL/RCPT/DATA from a script,
+    recording every line it reads (the body included). It holds its MAIL and RCPT replies
+    until DATA arrives: a client that waited for each reply would time out."""
+
+    def __init__(
+        self, rcpt_replies: list[bytes], mail: bytes = b"250 ok", data: bytes = b"354 go"
+    ) -> None:
+        self.mail, self.rcpt, self.data = mail, rcpt_replies, data
+        self.lines: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.test ESMTP\r\n")
+        rcpts = iter(self.rcpt)
+        held: list[bytes] = []
+        in_body = False
+        while line := await reader.readline():
+            self.lines.append(line)
+            if in_body:
+                if line == b".\r\n":
+                    in_body = False
+                    writer.write(b"250 2.0.0 queued\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                held.append(self.mail + b"\r\n")
+            elif verb == b"RCPT":
+                held.append(next(rcpts) + b"\r\n")
+            elif verb == b"DATA":
+                writer.write(b"".join(held) + self.data + b"\r\n")
+                held.clear()
+                in_body = self.data.startswith(b"354")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+        writer.close()
+
+    async def run(
+        self, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nhi\r\n"
+    ) -> TransactionReplies:
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            conn = await SMTPConnection.open("127.0.0.1", port, connect_timeout=5)
+            await conn.ehlo("relay.test")
+            replies = await conn.transaction("a@example.com", ["SIZE=30"], rcpts, body)
+            await conn.quit()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return replies
+
+
+async def test_pipelined_group_with_one_refused_recipient_still_sends_the_body() -> None:
+    mx = ScriptedMX([b"250 ok", b"550 5.1.1 no such user"])
+    replies = await mx.run(["b@example.org", "c@example.org"])
+    assert [r.code for r in replies.rcpts] == [250, 550]
+    assert replies.data is not None and replies.data.code == 250
+    assert [line[:4] for line in mx.lines[1:5]] == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+    assert b"hi\r\n" in mx.lines and b".\r\n" in mx.lines
+
+
+async def test_a_refused_mail_from_sends_no_body() -> None:
+    mx = ScriptedMX([b"503 5.5.1 need MAIL"], mail=b"550 5.7.1 sender refused", data=b"503 no")
+    replies = await mx.run(["b@example.org"])
+    assert replies.mail.code == 550 and replies.data is not None and replies.data.code == 503
+    assert b"hi\r\n" not in mx.lines
+
+
+async def test_354_with_every_recipient_refused_is_ended_empty() -> None:
+    # RFC 2920 §3.1: a server may accept DATA though no RCPT succeeded; the client must
+    # then send an empty message, not the body.
+    mx = ScriptedMX([b"550 5.1.1 no"])
+    replies = await mx.run(["b@example.org"])
+    assert replies.data is None
+    assert b"hi\r\n" not in mx.lines and b".\r\n" in mx.lines
