@@ -18,6 +18,7 @@ import collections
 import ipaddress
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 
 class SessionBroken(Exception):
@@ -82,8 +83,8 @@ class _ReplyReader(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's transports are not asyncio.Transport subclasses
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -190,7 +191,6 @@ class SMTPConnection:
             )
         except TimeoutError as exc:
             raise ReplyTimeout(f"connect timed out after {connect_timeout:g} s") from exc
-        assert isinstance(transport, asyncio.Transport)
         conn = cls(transport, reader, connect_timeout)
         try:
             greeting = await conn.read()
@@ -269,9 +269,8 @@ class SMTPConnection:
             raise ReplyTimeout("TLS handshake timed out") from exc
         if new is None:
             raise ConnectionLost("connection closed during the TLS handshake")
-        assert isinstance(new, asyncio.Transport)
         self._transport = new
-        self._reader.transport = new
+        self._reader.transport = self._transport
         self.tls = True
         self.extensions = {}  # RFC 3207 §4.2: EHLO again
 

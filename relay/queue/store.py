@@ -8,6 +8,7 @@ share one queue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -38,6 +39,7 @@ from relay.model import (
 from relay.queue import dialect, sqlite_driver, sqlite_onetrip
 from relay.queue.cache import RowCache
 from relay.queue.groupcommit import GroupCommitter
+from relay.queue.hotread import HotReader
 from relay.queue.tables import (
     account,
     counter,
@@ -191,6 +193,8 @@ _MESSAGE_FOR_DELIVERY = sa.select(message.c.body, message.c.mail_from, message.c
 _MESSAGES_FOR_DELIVERY = sa.select(
     message.c.id, message.c.body, message.c.mail_from, message.c.account_id
 ).where(message.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+_MESSAGES_FOR_DELIVERY_SQL = "SELECT id, body, mail_from, account_id FROM message WHERE id IN ({})"
 
 # Account lookups (per session and per message; cached, but the WHERE was built before
 # the cache was asked: issue 9).
@@ -461,6 +465,8 @@ class Store:
         )
         if self._write_lock is not None:
             self._committer.thread_lock = self._write_lock.hold_on_thread
+        # The per-message reads' own threads and connections (hotread.py).
+        self._hot = HotReader(database) if self._write_lock is not None and database else None
         # Slow-changing rows read per message (accounts, domains, limits): see cache.py.
         self.cache = RowCache(cache_seconds)
         if self.cache.enabled:
@@ -496,6 +502,8 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._hot is not None:
+            await asyncio.to_thread(self._hot.close)
         if self._write_lock is not None:
             self._write_lock.close()
 
@@ -590,6 +598,8 @@ class Store:
             sql, bound = _hot_sql(stmt)
             compiled.append((sql, {**bound, **params}))
         try:
+            if self._hot is not None:
+                return await self._hot.fetch(compiled)
             async with self._single_reads.connect() as conn:
                 return await sqlite_onetrip.run_on_thread(conn, _fetch_many, compiled)
         except Exception as exc:
@@ -1051,6 +1061,14 @@ class Store:
         left out: the caller treats them as not found)."""
         if not message_ids:
             return {}
+        if self._hot is not None:
+            marks = ",".join("?" * len(message_ids))
+            sql = _MESSAGES_FOR_DELIVERY_SQL.format(marks)
+            try:
+                (found,) = await self._hot.fetch([(sql, list(message_ids))])
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"database unavailable: {exc}") from exc
+            return {r[0]: (bytes(r[1]), r[2], r[3]) for r in found}
         async with self._read(single=True) as conn:
             rows = (await conn.execute(_MESSAGES_FOR_DELIVERY, {"ids": list(message_ids)})).all()
         return {row.id: (bytes(row.body), row.mail_from, row.account_id) for row in rows}

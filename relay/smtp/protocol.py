@@ -34,7 +34,7 @@ import binascii
 import logging
 import re
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from relay import metrics
 from relay.smtp.data import Body, DataState, body_end, finish
@@ -289,7 +289,7 @@ class RelaySMTP(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are no subclasses
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
         if self.limiter is not None:
