@@ -256,7 +256,7 @@ class DeliveryWorker:
         # the delivery loop); one that vanished meanwhile is read alone and reported.
         bodies = await self.store.messages_for_delivery(list(by_message))
         for message_id, group in by_message.items():
-            loaded = bodies.get(message_id)
+            loaded = bodies.pop(message_id, None)  # the raw body is not kept past here
             for sub, prepared in await self._prepare_group(message_id, group, loaded):
                 envelopes.append(
                     Envelope(

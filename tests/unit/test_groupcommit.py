@@ -189,3 +189,21 @@ async def test_a_thread_batch_waits_for_another_process_holding_the_write_lock(
     assert await asyncio.wait_for(job, 5) == 40
     assert await _count(store) == [4]
     await store.close()
+
+
+def _connection_id(raw: object, _: None) -> int:
+    return id(raw)
+
+
+async def test_every_thread_batch_writes_on_the_same_connection(tmp_path: Path) -> None:
+    # One page cache fills with written bodies, not one per pooled connection.
+    store, _ = await _store(tmp_path)
+    seen = set()
+    for _ in range(5):
+        batch = await asyncio.gather(
+            *(store._committer.run(_connection_id, None) for _ in range(3)),
+            store._read_rows(sa.select(T.c.x), {}),  # reads in between use the pool
+        )
+        seen.update(batch[:3])
+    assert len(seen) == 1
+    await store.close()
