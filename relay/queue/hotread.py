@@ -22,6 +22,16 @@ from typing import Any
 Read = tuple[str, dict[str, Any] | Sequence[Any]]
 
 
+def fetch_all(raw: sqlite3.Connection, reads: Sequence[Read]) -> list[list[Any]]:
+    """The rows of each read, on the connection's own thread. Each SELECT on its own
+    snapshot, as separate reads were (no BEGIN)."""
+    cur = raw.cursor()
+    try:
+        return [cur.execute(sql, params).fetchall() for sql, params in reads]
+    finally:
+        cur.close()
+
+
 class HotReader:
     def __init__(self, path: str, threads: int = 2) -> None:
         self.path = path
@@ -46,12 +56,7 @@ class HotReader:
         return conn
 
     def _fetch(self, reads: Sequence[Read]) -> list[list[Any]]:
-        cur = self._connection().cursor()
-        try:
-            # Each SELECT on its own snapshot, as separate reads were (no BEGIN).
-            return [cur.execute(sql, params).fetchall() for sql, params in reads]
-        finally:
-            cur.close()
+        return fetch_all(self._connection(), reads)
 
     async def fetch(self, reads: Sequence[Read]) -> list[list[Any]]:
         """The rows of each (SQL, parameters) read, in one trip to a reader thread."""

@@ -12,8 +12,8 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -39,7 +39,7 @@ from relay.model import (
 from relay.queue import dialect, sqlite_driver, sqlite_onetrip
 from relay.queue.cache import RowCache
 from relay.queue.groupcommit import GroupCommitter
-from relay.queue.hotread import HotReader
+from relay.queue.hotread import HotReader, fetch_all
 from relay.queue.tables import (
     account,
     counter,
@@ -290,6 +290,17 @@ def _unavailable(exc: Exception) -> StoreUnavailable | None:
     return None
 
 
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Database errors that mean "not now" leave as StoreUnavailable (see _unavailable)."""
+    try:
+        yield
+    except Exception as exc:
+        if (unavailable := _unavailable(exc)) is None:
+            raise
+        raise unavailable from exc
+
+
 def _by_rcpt(u: OutcomeUpdate) -> int:
     return u.recipient_id
 
@@ -396,17 +407,6 @@ def _hot_sql(statement: Any) -> tuple[str, dict[str, Any]]:
     if found is None or found[0] is not statement:
         found = _HOT_SQL[id(statement)] = (statement, *_sqlite_sql(statement))
     return found[1], found[2]
-
-
-def _fetch_many(
-    raw: sqlite3.Connection, reads: list[tuple[str, dict[str, Any]]]
-) -> list[list[Any]]:
-    """On the SQLite thread: the rows of each SELECT."""
-    cur = raw.cursor()
-    try:
-        return [cur.execute(sql, params).fetchall() for sql, params in reads]
-    finally:
-        cur.close()
 
 
 def _outcomes_on_thread(raw: sqlite3.Connection, steps: list[_OutcomeStep]) -> int:
@@ -519,12 +519,9 @@ class Store:
     async def _write(self, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
         """One write block; concurrent blocks share a COMMIT (see groupcommit.py)."""
         try:
-            async with self._committer.write(urgent) as conn:
-                yield conn
-        except Exception as exc:
-            if (unavailable := _unavailable(exc)) is None:
-                raise
-            raise unavailable from exc
+            with _translated():
+                async with self._committer.write(urgent) as conn:
+                    yield conn
         finally:
             # After COMMIT: drop cached rows this block (or its batch) changed.
             self.cache.after_write()
@@ -548,12 +545,8 @@ class Store:
     ) -> R:
         """SQLite: ``fn(raw_connection, arg)`` as a group-commit thread job; its result once
         committed. Database errors become StoreUnavailable, as ``_write`` does."""
-        try:
+        with _translated():
             return await self._committer.run(fn, arg, urgent, durable)
-        except Exception as exc:
-            if (unavailable := _unavailable(exc)) is None:
-                raise
-            raise unavailable from exc
 
     @asynccontextmanager
     async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
@@ -582,14 +575,10 @@ class Store:
         """A read transaction. ``single=True``: the block runs exactly one statement,
         which on SQLite then runs without BEGIN/COMMIT (one statement reads one snapshot
         anyway); the hot per-message reads use it (issue 9)."""
-        try:
-            engine = self._single_reads if single else self._reads
+        engine = self._single_reads if single else self._reads
+        with _translated():
             async with engine.connect() as conn, conn.begin():
                 yield conn
-        except Exception as exc:
-            if not _transient(exc):
-                raise
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
     async def _read_rows(self, statement: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The rows of one prebuilt SELECT of the per-message hot path (see _read_many)."""
@@ -618,15 +607,12 @@ class Store:
         for stmt, params in reads:
             sql, bound = _hot_sql(stmt)
             compiled.append((sql, {**bound, **params}))
-        try:
+        with _translated():
             if self._hot is not None:
                 return await self._hot.fetch(compiled)
+            # ":memory:" has no file for the hot readers to open: its own connection.
             async with self._single_reads.connect() as conn:
-                return await sqlite_onetrip.run_on_thread(conn, _fetch_many, compiled)
-        except Exception as exc:
-            if (unavailable := _unavailable(exc)) is None:
-                raise
-            raise unavailable from exc
+                return await sqlite_onetrip.run_on_thread(conn, fetch_all, compiled)
 
     # ------------------------------------------------------------------ schema
 
@@ -1085,10 +1071,8 @@ class Store:
         if self._hot is not None:
             marks = ",".join("?" * len(message_ids))
             sql = _MESSAGES_FOR_DELIVERY_SQL.format(marks)
-            try:
+            with _translated():
                 (found,) = await self._hot.fetch([(sql, list(message_ids))])
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"database unavailable: {exc}") from exc
             return {r[0]: (bytes(r[1]), r[2], r[3]) for r in found}
         async with self._read(single=True) as conn:
             rows = (await conn.execute(_MESSAGES_FOR_DELIVERY, {"ids": list(message_ids)})).all()

@@ -175,7 +175,7 @@ def _unbalanced_path(arg: str) -> bool:
 class Session:
     """What the handler sees of the connection (aiosmtpd's Session attributes)."""
 
-    __slots__ = ("auth_data", "authenticated", "extended_smtp", "host_name", "peer", "ssl")
+    __slots__ = ("auth_data", "authenticated", "extended_smtp", "host_name", "peer")
 
     def __init__(self, peer: Any) -> None:
         self.peer = peer
@@ -183,20 +183,17 @@ class Session:
         self.extended_smtp = False
         self.authenticated = False
         self.auth_data: Any = None
-        self.ssl: dict[str, Any] | None = None
 
 
 class Envelope:
     """One transaction: MAIL, RCPTs, and the body once DATA has it."""
 
     __slots__ = (
-        "content",
         "mail_from",
         "mail_options",
         "original_content",
         "rcpt_options",
         "rcpt_tos",
-        "smtp_utf8",
     )
 
     def __init__(self) -> None:
@@ -204,8 +201,6 @@ class Envelope:
         self.mail_options: list[str] = []
         self.rcpt_tos: list[str] = []
         self.rcpt_options: list[str] = []
-        self.smtp_utf8 = False
-        self.content: bytes | None = None
         self.original_content: bytes | None = None
 
 
@@ -303,8 +298,6 @@ class RelaySMTP(asyncio.Protocol):
             self.limiter.sessions.add(self)
         self.transport = transport
         self.session = Session(peer)
-        if self.implicit_tls:
-            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
         metrics.smtp_connection(self.listener, self.tls_active, False)
         self._touch()
         self._timer = self._loop.call_at(self._deadline, self._on_timer)
@@ -733,7 +726,6 @@ class RelaySMTP(asyncio.Protocol):
         if params:
             self.reply("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
             return
-        self.envelope.smtp_utf8 = smtputf8
         status = await self._untimed(
             self.event_handler.handle_MAIL(self, self.session, self.envelope, address, options)
         )
@@ -791,7 +783,7 @@ class RelaySMTP(asyncio.Protocol):
                 " bytes (max_message_size)"
             )
             return
-        envelope.content = envelope.original_content = body.content
+        envelope.original_content = body.content
         try:
             # The envelope stays the session's until the answer: shutdown waits for it.
             status = await self._untimed(
@@ -854,7 +846,6 @@ class RelaySMTP(asyncio.Protocol):
         # RFC 3207 §4.2: forget everything the client said before TLS.
         peer = self.session.peer if self.session is not None else None
         self.session = Session(peer)
-        self.session.ssl = {"ssl_object": new.get_extra_info("ssl_object")}
         self.envelope = Envelope()
         metrics.smtp_connection(self.listener, True, True)
 
