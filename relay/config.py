@@ -105,6 +105,11 @@ class DeliveryConfig:
     # A destination's due messages are split into sessions of at most this many, run in
     # parallel (bounded by concurrency): reuse without one slow session holding them all.
     messages_per_connection: int = 20
+    # Postfix's smtp_connection_cache_time_limit / smtp_connection_reuse_time_limit: a
+    # session is kept idle this long for the next batch to the same MX hosts (0: QUIT
+    # after each batch), and is not reused once this old.
+    connection_cache_time: float = 2.0
+    connection_reuse_time: float = 300.0
     batch_size: int = 200
     poll_interval: float = 1.0
     lease_seconds: float = 120.0
@@ -577,6 +582,10 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.concurrency", "must be >= 1")
     if cfg.delivery.messages_per_connection < 1:
         problems.add("delivery.messages_per_connection", "must be >= 1")
+    if cfg.delivery.connection_cache_time < 0:
+        problems.add("delivery.connection_cache_time", "must be >= 0")
+    if cfg.delivery.connection_reuse_time <= 0:
+        problems.add("delivery.connection_reuse_time", "must be > 0")
     if cfg.webhooks.concurrency < 1:
         problems.add("webhooks.concurrency", "must be >= 1")
     if cfg.webhooks.timeout <= 0:

@@ -187,6 +187,11 @@ DELIVERY_CONNECTIONS = Counter(
     ["tls"],
     registry=REGISTRY,
 )
+DELIVERY_SESSIONS_REUSED = Counter(
+    "relay_delivery_sessions_reused_total",
+    "Delivery batches sent over a session kept open from an earlier batch (connection cache)",
+    registry=REGISTRY,
+)
 DNS_FAILURES = Counter(
     "relay_dns_failures_total",
     "MX/address lookups that failed, by kind (temporary: SERVFAIL/timeout;"
@@ -273,6 +278,10 @@ def delivery_outcome(outcome: Outcome, rcpt_domain: str, created_at: float, now:
 
 def delivery_connection(tls: bool) -> None:
     DELIVERY_CONNECTIONS.labels("yes" if tls else "no").inc()
+
+
+def delivery_session_reused() -> None:
+    DELIVERY_SESSIONS_REUSED.inc()
 
 
 def dns_failure(kind: str) -> None:

@@ -3,10 +3,17 @@
 STARTTLS is tried first whenever offered (opportunistic TLS, RFC 3207; an unverifiable
 certificate still encrypts, as RFC 7435 allows). With ``require_tls`` a destination that
 offers no STARTTLS is deferred rather than sent in clear.
+
+Sessions outlive their batch: a healthy one is kept idle for ``cache_time`` seconds and
+the next batch to the same MX hosts takes it instead of connecting, greeting and EHLO
+(and STARTTLS) again, as Postfix's connection cache does (smtp_connection_cache_time_limit
+2 s, smtp_connection_reuse_time_limit 300 s are its defaults and ours). At a steady trickle
+every message was one batch, so every message paid a whole session (issue 9).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -44,6 +51,23 @@ def classify(code: int, text: str, mx: str | None, tls: bool) -> Outcome:
     return Outcome(status, reply, mx, tls, code)
 
 
+# Sessions are shared by destinations with the same MX hosts (as Postfix shares by
+# address): the (name, port) of each target, in order.
+CacheKey = tuple[tuple[str, int], ...]
+
+
+def _cache_key(targets: Sequence[Target]) -> CacheKey:
+    return tuple((t.name, t.port) for t in targets)
+
+
+@dataclass(eq=False)
+class _Idle:
+    client: SMTPConnection
+    mx: str
+    tls: bool
+    expiry: asyncio.TimerHandle | None = None
+
+
 def _client_tls() -> ssl.SSLContext:
     # Opportunistic: encrypt even when the certificate cannot be verified (RFC 7435).
     ctx = ssl.create_default_context()
@@ -60,13 +84,75 @@ class DestinationSession:
         connect_timeout: float,
         command_timeout: float,
         source_address: str | None = None,
+        cache_time: float = 2.0,
+        reuse_time: float = 300.0,
+        max_idle: int = 50,
     ) -> None:
         self.helo = helo
         self.require_tls = require_tls
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.source_address = source_address
+        self.cache_time = cache_time
+        self.reuse_time = reuse_time
+        self.max_idle = max_idle
         self._tls = _client_tls()
+        self._idle: dict[CacheKey, list[_Idle]] = {}
+        self._idle_count = 0
+
+    @property
+    def idle_sessions(self) -> int:
+        return self._idle_count
+
+    def _take(self, key: CacheKey) -> _Idle | None:
+        """The most recently parked session to these MX hosts that is still usable."""
+        parked = self._idle.get(key)
+        while parked:
+            entry = parked.pop()
+            self._idle_count -= 1
+            if entry.expiry is not None:
+                entry.expiry.cancel()
+            if entry.client.is_idle_clean:
+                metrics.delivery_session_reused()  # metrics
+                return entry
+            entry.client.close()
+        if parked is not None and not parked:
+            del self._idle[key]
+        return None
+
+    def _park(self, key: CacheKey, client: SMTPConnection, mx: str, tls: bool) -> bool:
+        """Keep a healthy session for the next batch; False when it should QUIT now."""
+        if (
+            self.cache_time <= 0
+            or self._idle_count >= self.max_idle
+            or not client.is_idle_clean
+            or time.monotonic() - client.opened_at >= self.reuse_time
+        ):
+            return False
+        entry = _Idle(client, mx, tls)
+        entry.expiry = asyncio.get_running_loop().call_later(
+            self.cache_time, self._expire, key, entry
+        )
+        self._idle.setdefault(key, []).append(entry)
+        self._idle_count += 1
+        return True
+
+    def _expire(self, key: CacheKey, entry: _Idle) -> None:
+        parked = self._idle.get(key, [])
+        if entry in parked:
+            parked.remove(entry)
+            self._idle_count -= 1
+            if not parked:
+                del self._idle[key]
+        entry.client.quit_nowait()
+
+    def close_idle(self) -> None:
+        """QUIT every parked session (shutdown)."""
+        for key, parked in list(self._idle.items()):
+            for entry in list(parked):
+                if entry.expiry is not None:
+                    entry.expiry.cancel()
+                self._expire(key, entry)
 
     async def _open(self, targets: Sequence[Target]) -> tuple[SMTPConnection, str, bool] | Outcome:
         """Connect to the first target that answers 2xx; an Outcome when none does."""
@@ -132,15 +218,21 @@ class DestinationSession:
         pending = list(envelopes)
         done = on_done or (lambda _env: None)
         reconnects = 0
+        key = _cache_key(targets)
         while pending:
-            opened = await self._open(targets)
-            if isinstance(opened, Outcome):
-                for env in pending:
-                    for rid, _ in env.recipients:
-                        env.outcomes[rid] = opened
-                    done(env)
-                return
-            client, mx, tls = opened
+            parked = self._take(key)
+            if parked is not None:
+                client, mx, tls = parked.client, parked.mx, parked.tls
+            else:
+                opened = await self._open(targets)
+                if isinstance(opened, Outcome):
+                    for env in pending:
+                        for rid, _ in env.recipients:
+                            env.outcomes[rid] = opened
+                        done(env)
+                    return
+                client, mx, tls = opened
+            healthy = False
             try:
                 while pending:
                     env = pending[0]
@@ -164,7 +256,13 @@ class DestinationSession:
                             o.reply[:200],
                             (time.monotonic() - started) * 1000,
                         )
+                healthy = True
             except (SessionBroken, OSError) as exc:
+                if parked is not None and not client.body_sent:
+                    # A parked session the server had dropped: the message never reached
+                    # it (no body sent), so it goes again on a fresh session, no deferral.
+                    log.debug("parked session to %s was closed: %r", mx, exc)
+                    continue
                 # The session died mid-way: the current envelope is unknown-state, so it
                 # is deferred (never assumed delivered); the rest get one fresh session.
                 env = pending.pop(0)
@@ -193,7 +291,8 @@ class DestinationSession:
                     return
                 continue
             finally:
-                await client.quit()
+                if not (healthy and self._park(key, client, mx, tls)):
+                    await client.quit()
 
     async def _transaction(self, client: SMTPConnection, env: Envelope, mx: str, tls: bool) -> None:
         options = [f"SIZE={len(env.data)}"]

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import ssl
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -167,6 +169,10 @@ class SMTPConnection:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.opened_at = time.monotonic()
+        # Set once the current transaction's body is written: before that the server
+        # cannot have accepted the message (RFC 2920 §3.1: the body waits for 354).
+        self.body_sent = False
 
     @classmethod
     async def open(
@@ -205,6 +211,12 @@ class SMTPConnection:
     @property
     def is_connected(self) -> bool:
         return self._reader.error is None and not self._transport.is_closing()
+
+    @property
+    def is_idle_clean(self) -> bool:
+        """Connected, and the server has said nothing since our last read (a server
+        closing an idle session sends 421 first, RFC 5321 §3.8)."""
+        return self.is_connected and not self._reader.replies
 
     def supports(self, extension: str) -> bool:
         return extension.upper() in self.extensions
@@ -278,6 +290,7 @@ class SMTPConnection:
         self, mail_from: str, options: list[str], rcpts: list[str], data: bytes
     ) -> TransactionReplies:
         """MAIL, RCPTs, DATA and the body; pipelined when the server offers it."""
+        self.body_sent = False
         mail = b"MAIL FROM:" + _path(mail_from) + b"".join(b" " + o.encode() for o in options)
         rcpt_lines = [b"RCPT TO:" + _path(a) for a in rcpts]
         if self.supports("PIPELINING"):
@@ -301,6 +314,7 @@ class SMTPConnection:
             self._transport.write(b".\r\n")
             await self.read()
             return TransactionReplies(mail_reply, rcpt_replies, None)
+        self.body_sent = True
         self._transport.write(stuff(data))
         return TransactionReplies(mail_reply, rcpt_replies, await self.read())
 
@@ -319,6 +333,12 @@ class SMTPConnection:
 
     def close(self) -> None:
         self._transport.close()
+
+    def quit_nowait(self) -> None:
+        """QUIT without waiting for the 221, then close (an idle cached session)."""
+        with contextlib.suppress(SessionBroken, OSError):
+            self.send(b"QUIT")
+        self.close()
 
     def abort(self) -> None:
         self._transport.abort()

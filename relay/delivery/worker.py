@@ -64,7 +64,13 @@ class DeliveryWorker:
         self.owner = owner
         self.clock = clock
         self.session = DestinationSession(
-            cfg.helo_name, cfg.require_tls, cfg.connect_timeout, cfg.command_timeout
+            cfg.helo_name,
+            cfg.require_tls,
+            cfg.connect_timeout,
+            cfg.command_timeout,
+            cache_time=cfg.connection_cache_time,
+            reuse_time=cfg.connection_reuse_time,
+            max_idle=cfg.concurrency,
         )
         self._wake = asyncio.Event()
         self._stopping = False
@@ -84,7 +90,7 @@ class DeliveryWorker:
         try:
             while not self._stopping:
                 try:
-                    claimed = await self._claim()
+                    full = await self._claim()
                 except StoreUnavailable as exc:
                     log.warning("claim failed, database unavailable: %s", exc)
                     await self._sleep(min(5.0, self.cfg.poll_interval * 5))
@@ -94,7 +100,10 @@ class DeliveryWorker:
                     log.exception("claim failed unexpectedly")
                     await self._sleep(min(5.0, self.cfg.poll_interval * 5))
                     continue
-                if not claimed:
+                if not full:
+                    # Everything due was taken: wait for an accept's wake-up (or the
+                    # poll). Claiming again at once found nothing at a steady trickle,
+                    # and an empty claim is still a write transaction (issue 9).
                     await self._sleep(self.cfg.poll_interval)
         finally:
             renewer.cancel()
@@ -105,16 +114,16 @@ class DeliveryWorker:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def _claim(self) -> int:
+    async def _claim(self) -> bool:
+        """Claim what is due; True when the claim was full (more may be waiting)."""
         free = self.cfg.concurrency - (len(self._tasks))
         if free <= 0:
             await self._sleep(self.cfg.poll_interval)
-            return 0
-        claims = await self.store.claim_due(
-            self.owner, self.cfg.lease_seconds, min(self.cfg.batch_size, free * 20)
-        )
+            return True
+        limit = min(self.cfg.batch_size, free * 20)
+        claims = await self.store.claim_due(self.owner, self.cfg.lease_seconds, limit)
         if not claims:
-            return 0
+            return False
         by_domain: dict[str, list[Claim]] = defaultdict(list)
         for c in claims:
             by_domain[c.rcpt_domain].append(c)
@@ -124,7 +133,7 @@ class DeliveryWorker:
                 task = asyncio.create_task(self._deliver_domain(rcpt_domain, chunk))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        return len(claims)
+        return len(claims) >= limit
 
     async def _renew_loop(self) -> None:
         # Renew at a third of the lease so two missed renewals still leave margin.
@@ -368,6 +377,7 @@ class DeliveryWorker:
         self._stopping = True
         self.wake()
         await drain(self._tasks, grace)
+        self.session.close_idle()
         # Anything still leased by us goes back to the queue now, not after lease expiry.
         if self._inflight:
             with contextlib.suppress(StoreUnavailable):
