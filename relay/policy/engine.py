@@ -32,6 +32,10 @@ class Request:
     recipients: tuple[str, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    # The transaction's scratchpad (Haraka's transaction.notes): a check may leave what it
+    # read at RCPT for a check at DATA, saving a database trip. Empty when the caller keeps
+    # none; every check must still work then.
+    notes: dict[str, object] = field(default_factory=dict)
 
 
 class Check(Protocol):

@@ -378,28 +378,40 @@ class RcptLookup:
     blocked: BlockEntry | None
     suppressed: Suppression | None  # None too when no sender domain was asked
     windows: list[tuple[float, int]]  # (window_start, value) of the counter, oldest first
+    # The windows of ``also`` (another counter read in the same trip), when asked.
+    also_windows: list[tuple[float, int]] | None = None
 
 
 async def rcpt_lookup(
-    store: Store, address: str, sender_domain: str | None, counter_key: str, since: float
+    store: Store,
+    address: str,
+    sender_domain: str | None,
+    counter_key: str,
+    since: float,
+    also: tuple[str, float] | None = None,
 ) -> RcptLookup:
     """``blocklist_get``, ``suppression_get`` (when ``sender_domain``) and
     ``limits.counter_windows(counter_key, since)`` in one trip to the database instead of
-    three: the RCPT stage's reads (issue 9). Each is the same statement as on its own."""
+    three: the RCPT stage's reads (issue 9). Each is the same statement as on its own.
+    ``also``: one more counter's (key, since), read in the same trip (the daily quota)."""
     reads: list[tuple[Any, dict[str, Any]]] = [
         (_BLOCKLIST_GET, {"now": store.clock(), "address": _norm(address)}),
         (COUNTER_WINDOWS, {"key": counter_key, "since": since}),
     ]
+    if also is not None:
+        reads.append((COUNTER_WINDOWS, {"key": also[0], "since": also[1]}))
     if sender_domain is not None:
         params = {"domain": sender_domain.lower().rstrip("."), "address": _norm(address)}
         reads.append((_SUPPRESSION_GET, params))
     found = await store._read_many(reads)
     blocked, windows = found[0], found[1]
-    suppressed = found[2] if sender_domain is not None else []
+    extra = found[2] if also is not None else None
+    suppressed = found[-1] if sender_domain is not None else []
     return RcptLookup(
         BlockEntry(*blocked[0]) if blocked else None,
         Suppression(*suppressed[0]) if suppressed else None,
         [(float(w), int(v)) for w, v in windows],
+        None if extra is None else [(float(w), int(v)) for w, v in extra],
     )
 
 

@@ -15,7 +15,7 @@ from relay.errors import StoreUnavailable
 from relay.intake import Intake, ParsedMessage, parse
 from relay.model import Account, Stage, Verdict
 from relay.policy.engine import Policy, Request
-from relay.queue.store import NewRecipient, RateLimited
+from relay.queue.store import CounterLimitExceeded, NewRecipient, RateLimited
 from relay.smtp.auth import AuthDecision, Authenticator
 from relay.smtp.trusted import TrustedNetworks
 
@@ -91,6 +91,7 @@ class SMTPHandler:
             account=account,
             mail_from=mail_from if mail_from is not None else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
+            notes=envelope.notes,
             **kw,
         )
 
@@ -175,6 +176,14 @@ class SMTPHandler:
         except RateLimited as exc:
             # The rate tokens are taken in the accept transaction; nothing was committed.
             verdict = Verdict(451, "4.7.1", exc.text, "rate")
+            self._log_refusal(session, envelope.mail_from, None, verdict, Stage.DATA)
+            metrics.smtp_transaction(self.listener, "refused", started)  # metrics
+            return verdict.reply
+        except CounterLimitExceeded as exc:
+            # The quota, counted in the accept transaction, ran out after DATA's check
+            # (another session, another process): nothing was committed.
+            text = str(exc)
+            verdict = Verdict(451, "4.7.1", text[:1].upper() + text[1:], "daily_quota")
             self._log_refusal(session, envelope.mail_from, None, verdict, Stage.DATA)
             metrics.smtp_transaction(self.listener, "refused", started)  # metrics
             return verdict.reply

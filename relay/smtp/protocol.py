@@ -191,6 +191,7 @@ class Envelope:
     __slots__ = (
         "mail_from",
         "mail_options",
+        "notes",
         "original_content",
         "rcpt_options",
         "rcpt_tos",
@@ -199,6 +200,8 @@ class Envelope:
     def __init__(self) -> None:
         self.mail_from: str | None = None
         self.mail_options: list[str] = []
+        # What policy checks learned at one stage for a later one (Request.notes).
+        self.notes: dict[str, object] = {}
         self.rcpt_tos: list[str] = []
         self.rcpt_options: list[str] = []
         self.original_content: bytes | None = None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosmtplib
 import pytest
 
-from tests.support.relayproc import RelayProcess, make_message, unverified_ssl_context
+from tests.support.relayproc import MakeRelay, RelayProcess, make_message, unverified_ssl_context
 from tests.support.sink import SMTPSink
 
 
@@ -148,3 +150,39 @@ async def test_unauthenticated_port_25_is_no_open_relay(make_relay: object, sink
     assert exc.value.code == 550 and exc.value.message.startswith("5.7.1")
     await client.quit()
     assert sink.messages == []
+
+
+async def test_quota_used_up_between_rcpt_and_data_gets_451_4_7_1_and_queues_nothing(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    # DATA's quota check uses the usage read with the last RCPT; the accept transaction
+    # counts atomically. A session that read "1 left" at RCPT, then lost it to another
+    # session before DATA, must hear the quota refusal, not a storage failure.
+    relay = make_relay({"limits": {"daily": 2}})
+    relay.setup()
+    relay.start()
+    first = await _client(relay.submission_port)
+    await first.login("alice", "secret-pass-1")
+    await first.mail("a@example.com")
+    await first.rcpt("slow@example.org")
+    other = await _client(relay.submission_port)
+    await other.login("alice", "secret-pass-1")
+    for n in range(2):
+        msg = make_message("a@example.com", [f"fast{n}@example.org"])
+        await other.sendmail("a@example.com", [f"fast{n}@example.org"], msg)
+    with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+        await first.data(make_message("a@example.com", ["slow@example.org"]))
+    assert exc.value.code == 451
+    assert exc.value.message.startswith("4.7.1 Daily quota 2 recipients per 24 h reached")
+    # The next transaction is refused at DATA by the detailed check, as before.
+    await first.mail("a@example.com")
+    await first.rcpt("later@example.org")
+    with pytest.raises(aiosmtplib.SMTPDataError) as again:
+        await first.data(make_message("a@example.com", ["later@example.org"]))
+    assert again.value.code == 451 and "2 of 2 recipients used" in again.value.message
+    await first.quit()
+    await other.quit()
+    got = await sink.wait_for_async(2, timeout=30)
+    await asyncio.sleep(1.0)  # would a third (refused) message still arrive?
+    assert sorted(r for m in got for r in m.rcpt_tos) == ["fast0@example.org", "fast1@example.org"]
+    assert len(sink.messages) == 2
