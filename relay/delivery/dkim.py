@@ -9,6 +9,7 @@ signature bytes are identical either way (tests/unit/test_dkim_openssl.py checks
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import dkim
@@ -56,6 +57,17 @@ def sign(message: bytes, domain: Domain) -> bytes:
         linesep=b"\r\n",
     )
     return bytes(signature) + message
+
+
+def sign_each(messages: Sequence[tuple[bytes, Sequence[Domain]]]) -> list[bytes]:
+    """Each message signed by each of its domains in turn (a dual-signing domain adds
+    a second signature over the first); a message with no domain is returned as is."""
+    out: list[bytes] = []
+    for message, domains in messages:
+        for domain in domains:
+            message = sign(message, domain)
+        out.append(message)
+    return out
 
 
 def _present_headers(message: bytes) -> set[bytes]:

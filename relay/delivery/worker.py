@@ -38,8 +38,9 @@ Renderer = Callable[[bytes, int, Claim], Awaitable[bytes | None]]
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    data: bytes
+    data: bytes  # not yet signed
     mail_from: str
+    signers: tuple[Domain, ...] = ()  # DKIM keys to sign with, in order
 
 
 class DeliveryWorker:
@@ -223,11 +224,10 @@ class DeliveryWorker:
                 signer = await self._sender_domain(name)
                 if signer is not None:
                     break
+        signers: tuple[Domain, ...] = ()
         if signer is not None:
-            body = await asyncio.to_thread(dkim.sign, body, signer)
-            for extra in await self._extra_signers(signer):
-                body = await asyncio.to_thread(dkim.sign, body, extra)
-        return Prepared(body, envelope_from or mail_from)
+            signers = (signer, *await self._extra_signers(signer))
+        return Prepared(body, envelope_from or mail_from, signers)
 
     async def _deliver_domain(self, rcpt_domain: str, claims: list[Claim]) -> None:
         async with self._slots:
@@ -264,6 +264,7 @@ class DeliveryWorker:
         # Every message of the batch in one read (issue 9: a read per message was ~10% of
         # the delivery loop); one that vanished meanwhile is read alone and reported.
         bodies = await self.store.messages_for_delivery(list(by_message))
+        unsigned: list[tuple[bytes, tuple[Domain, ...]]] = []
         for message_id, group in by_message.items():
             loaded = bodies.pop(message_id, None)  # the raw body is not kept past here
             for sub, prepared in await self._prepare_group(message_id, group, loaded):
@@ -272,9 +273,20 @@ class DeliveryWorker:
                         message_id,
                         prepared.mail_from,
                         [(c.recipient_id, c.address) for c in sub],
-                        prepared.data,
+                        b"",
                     )
                 )
+                unsigned.append((prepared.data, prepared.signers))
+        # The whole batch signed in one trip to a thread: a trip per message (the
+        # executor's wake-up, the loop's self-pipe) was ~12% of the delivery process
+        # (issue 9). DKIM is the last change to the bytes.
+        if any(signers for _, signers in unsigned):
+            signed = await asyncio.to_thread(dkim.sign_each, unsigned)
+        else:
+            signed = [data for data, _ in unsigned]
+        for env, data in zip(envelopes, signed, strict=True):
+            env.data = data
+        del unsigned, signed
         recording: list[asyncio.Task[None]] = []
 
         def done(env: Envelope) -> None:

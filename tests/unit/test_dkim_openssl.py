@@ -107,3 +107,16 @@ def test_a_large_signed_body_still_verifies() -> None:
     body = b"".join(b"line %d of a long newsletter, with  two spaces\r\n" % i for i in range(3000))
     message = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
     assert _verifies(relay_dkim.sign(message, _domain(key)), key)
+
+
+def test_sign_each_signs_a_batch_with_each_messages_own_keys_in_order() -> None:
+    rsa, ed = generate_rsa(1024), generate_ed25519()
+    dual = [_domain(rsa), _domain(ed, "ed25519-sha256", "ed")]
+    other = MESSAGE.replace(b"hello", b"goodbye")
+    plain, one, two = relay_dkim.sign_each([(MESSAGE, []), (other, dual[:1]), (MESSAGE, dual)])
+    assert plain == MESSAGE
+    assert one.count(b"DKIM-Signature:") == 1 and one.endswith(other) and _verifies(one, rsa)
+    # The second key signs over the first signature: the ed25519 one comes first.
+    assert two.count(b"DKIM-Signature:") == 2 and two.startswith(b"DKIM-Signature: v=1; a=ed25519")
+    rsa_at = two.index(b"DKIM-Signature: v=1; a=rsa-sha256")
+    assert 0 < rsa_at < two.index(MESSAGE) and _verifies(two[rsa_at:], rsa)
