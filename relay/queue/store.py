@@ -200,6 +200,13 @@ _MESSAGES_FOR_DELIVERY_SQL = "SELECT id, body, mail_from, account_id FROM messag
 # the cache was asked: issue 9).
 _ACCOUNT_BY_NAME = sa.select(account).where(account.c.name == sa.bindparam("v"))
 _ACCOUNT_BY_ID = sa.select(account).where(account.c.id == sa.bindparam("v"))
+# Per AUTH and per warming-up message: prebuilt for the hot read path (_read_rows).
+_CREDENTIALS = sa.select(
+    account.c.id, account.c.name, account.c.status, account.c.settings, account.c.password_hash
+).where(account.c.name == sa.bindparam("v"))
+_COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
+    counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since")
+)
 
 _INSERT_MESSAGE = message.insert()
 _INSERT_RECIPIENT = recipient.insert()
@@ -645,11 +652,15 @@ class Store:
 
     @staticmethod
     def _account(row: Any) -> Account:
+        return Store._account_of(row.id, row.name, row.status, row.settings)
+
+    @staticmethod
+    def _account_of(account_id: int, name: str, status: str, settings: str | None) -> Account:
         return Account(
-            id=row.id,
-            name=row.name,
-            status=AccountStatus(row.status),
-            settings=json.loads(row.settings or "{}"),
+            id=account_id,
+            name=name,
+            status=AccountStatus(status),
+            settings=json.loads(settings or "{}"),
         )
 
     async def add_account(self, name: str, password_hash: str) -> Account:
@@ -666,11 +677,11 @@ class Store:
         return Account(id=account_id, name=name, status=AccountStatus.ACTIVE)
 
     async def account_credentials(self, name: str) -> tuple[Account, str] | None:
-        async with self._read() as conn:
-            row = (await conn.execute(sa.select(account).where(account.c.name == name))).first()
-        if row is None:
+        rows = await self._read_rows(_CREDENTIALS, {"v": name})
+        if not rows:
             return None
-        return self._account(row), row.password_hash
+        *fields, password_hash = rows[0]
+        return self._account_of(*fields), password_hash
 
     async def get_account(self, name: str) -> Account:
         found = await self._cached_account(("account", name), _ACCOUNT_BY_NAME, {"v": name})
@@ -1285,15 +1296,8 @@ class Store:
             return int(res.scalar_one())
 
     async def counter_sum(self, key: str, since: float) -> int:
-        async with self._read() as conn:
-            value = (
-                await conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
-                        counter.c.key == key, counter.c.window_start >= since
-                    )
-                )
-            ).scalar()
-        return int(value or 0)
+        rows = await self._read_rows(_COUNTER_SUM, {"key": key, "since": since})
+        return int(rows[0][0] or 0) if rows else 0
 
     async def prune_counters(self) -> int:
         async with self._write() as conn:
