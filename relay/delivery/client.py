@@ -98,18 +98,16 @@ class DestinationSession:
         self.max_idle = max_idle
         self._tls = _client_tls()
         self._idle: dict[CacheKey, list[_Idle]] = {}
-        self._idle_count = 0
 
     @property
     def idle_sessions(self) -> int:
-        return self._idle_count
+        return sum(map(len, self._idle.values()))
 
     def _take(self, key: CacheKey) -> _Idle | None:
         """The most recently parked session to these MX hosts that is still usable."""
         parked = self._idle.get(key)
         while parked:
             entry = parked.pop()
-            self._idle_count -= 1
             if entry.expiry is not None:
                 entry.expiry.cancel()
             if entry.client.is_idle_clean:
@@ -124,7 +122,7 @@ class DestinationSession:
         """Keep a healthy session for the next batch; False when it should QUIT now."""
         if (
             self.cache_time <= 0
-            or self._idle_count >= self.max_idle
+            or self.idle_sessions >= self.max_idle
             or not client.is_idle_clean
             or time.monotonic() - client.opened_at >= self.reuse_time
         ):
@@ -134,14 +132,12 @@ class DestinationSession:
             self.cache_time, self._expire, key, entry
         )
         self._idle.setdefault(key, []).append(entry)
-        self._idle_count += 1
         return True
 
     def _expire(self, key: CacheKey, entry: _Idle) -> None:
         parked = self._idle.get(key, [])
         if entry in parked:
             parked.remove(entry)
-            self._idle_count -= 1
             if not parked:
                 del self._idle[key]
         entry.client.quit_nowait()

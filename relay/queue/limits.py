@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -112,7 +113,11 @@ COUNTER_WINDOWS = (
 
 async def counter_windows(store: Store, key: str, since: float) -> list[tuple[float, int]]:
     """(window_start, value) of one key since ``since``, oldest first."""
-    rows = await store._read_rows(COUNTER_WINDOWS, {"key": key, "since": since})
+    return windows_of(await store._read_rows(COUNTER_WINDOWS, {"key": key, "since": since}))
+
+
+def windows_of(rows: Sequence[tuple[Any, ...]]) -> list[tuple[float, int]]:
+    """COUNTER_WINDOWS rows as (window_start, value)."""
     return [(float(w), int(v)) for w, v in rows]
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from relay.model import AccountStatus, EventKind, RecipientStatus
-from relay.queue.limits import COUNTER_WINDOWS
+from relay.queue.limits import COUNTER_WINDOWS, windows_of
 from relay.queue.store import Store
 from relay.queue.tables import (
     account,
@@ -410,8 +410,8 @@ async def rcpt_lookup(
     return RcptLookup(
         BlockEntry(*blocked[0]) if blocked else None,
         Suppression(*suppressed[0]) if suppressed else None,
-        [(float(w), int(v)) for w, v in windows],
-        None if extra is None else [(float(w), int(v)) for w, v in extra],
+        windows_of(windows),
+        None if extra is None else windows_of(extra),
     )
 
 
