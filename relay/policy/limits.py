@@ -179,11 +179,8 @@ class Limits:
         return CounterAdd(self.daily_key(account_id), window, amount, window + keep)
 
     async def daily_usage(self, account_id: int) -> Usage:
-        now = self.store.clock()
-        rows = await q.counter_windows(
-            self.store, self.daily_key(account_id), self._daily_since(now)
-        )
-        return self.daily_usage_of(rows)
+        key, since = self.daily_read(account_id)
+        return self.daily_usage_of(await q.counter_windows(self.store, key, since))
 
     def daily_read(self, account_id: int) -> tuple[str, float]:
         """The (counter key, since) ``daily_usage`` reads, for a read that batches it."""
