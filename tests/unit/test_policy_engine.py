@@ -77,3 +77,25 @@ async def test_cancelling_the_session_is_not_turned_into_a_verdict() -> None:
         pass
     else:
         raise AssertionError("the cancellation was swallowed")
+
+
+async def test_after_a_timed_out_check_the_session_carries_on_uncancelled() -> None:
+    slow = Fixed("slow", None, delay=5.0)
+    assert await Policy([slow], timeout=0.05).check(rcpt()) == CHECK_FAILED
+    await asyncio.sleep(0.01)  # would raise CancelledError if the timeout leaked
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_no_timer_outlives_the_stage_it_guarded() -> None:
+    quick = [Fixed(f"c{i}", None, delay=0.01) for i in range(2)]
+    assert (await Policy(quick, timeout=0.05).check(rcpt())).ok
+    await asyncio.sleep(0.1)  # past the 50 ms deadline: nothing may cancel us now
+
+
+async def test_a_late_check_in_a_stage_gets_its_whole_timeout() -> None:
+    # The stage's timer is armed at the first check; the third check starts 60 ms later
+    # and still gets its own 100 ms, though the stage as a whole takes 140 ms.
+    checks = [Fixed("a", None, delay=0.03), Fixed("b", None, delay=0.03)]
+    checks.append(Fixed("c", None, delay=0.08))
+    assert (await Policy(checks, timeout=0.1).check(rcpt())).ok
