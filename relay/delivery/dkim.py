@@ -171,7 +171,10 @@ def _select(headers: list[tuple[bytes, bytes]], include: list[bytes]) -> list[tu
 
 def _relaxed_value(value: bytes) -> bytes:
     """RFC 6376 §3.4.2: unfold, runs of WSP to one space, no WSP at either end."""
-    return _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip()
+    value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:  # most values have neither: no regex pass
+        value = _WSP_RUN.sub(b" ", value)
+    return value.strip()
 
 
 def _relaxed_body(body: bytes) -> bytes:
