@@ -12,10 +12,11 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 # (SQL, its parameters: named in a dict or positional in a sequence)
@@ -33,38 +34,78 @@ def fetch_all(raw: sqlite3.Connection, reads: Sequence[Read]) -> list[list[Any]]
 
 
 class HotReader:
+    """Reader threads fed by one queue; each answers on the asking loop.
+
+    Not a ThreadPoolExecutor: its submit (two locks, a concurrent Future, a work item)
+    and asyncio's wrapping of that future (callbacks chained both ways) were ~5% of the
+    listener's Python time for one read per recipient (issue 9). Here a read is a
+    SimpleQueue put, and the answer one call_soon_threadsafe.
+    """
+
     def __init__(self, path: str, threads: int = 2) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="sqlite-read")
-        self._local = threading.local()
-        self._opened: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._count = threads
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
 
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA query_only=ON")
-            # SQLite's default 2 MB page cache: these read small rows and bodies read
-            # once; a 32 MB cache each only held old bodies (peak memory at 100 KB).
-            conn.execute("PRAGMA cache_size=-2000")
-            conn.execute("PRAGMA mmap_size=268435456")
-            self._local.conn = conn
-            with self._lock:
-                self._opened.append(conn)
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA query_only=ON")
+        # SQLite's default 2 MB page cache: these read small rows and bodies read
+        # once; a 32 MB cache each only held old bodies (peak memory at 100 KB).
+        conn.execute("PRAGMA cache_size=-2000")
+        conn.execute("PRAGMA mmap_size=268435456")
         return conn
 
-    def _fetch(self, reads: Sequence[Read]) -> list[list[Any]]:
-        return fetch_all(self._connection(), reads)
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                loop, future, reads = job
+                try:
+                    if conn is None:
+                        conn = self._open()
+                    rows: list[list[Any]] | BaseException = fetch_all(conn, reads)
+                except Exception as exc:
+                    rows = exc
+                # RuntimeError: the loop closed meanwhile, so no one is waiting.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_answer, future, rows)
+        finally:
+            if conn is not None:
+                conn.close()
 
     async def fetch(self, reads: Sequence[Read]) -> list[list[Any]]:
         """The rows of each (SQL, parameters) read, in one trip to a reader thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._fetch, reads)
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"sqlite-read-{i}", daemon=True)
+                for i in range(self._count)
+            ]
+            for t in self._threads:
+                t.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[Any]]] = loop.create_future()
+        self._jobs.put((loop, future, reads))
+        return await future
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        with self._lock:
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
+        """Stop the threads once the reads queued before have been answered."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[list[Any]]]", Sequence[Read]]
+
+
+def _answer(future: asyncio.Future[list[list[Any]]], rows: list[list[Any]] | BaseException) -> None:
+    if future.cancelled():  # the reader gave up (its session ended): nothing to tell
+        return
+    if isinstance(rows, BaseException):
+        future.set_exception(rows)
+    else:
+        future.set_result(rows)
