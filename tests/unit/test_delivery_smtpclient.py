@@ -7,7 +7,16 @@ import asyncio
 import random
 import re
 
-from relay.delivery.smtpclient import Reply, SMTPConnection, TransactionReplies, _ReplyReader, stuff
+import pytest
+
+from relay.delivery.smtpclient import (
+    Reply,
+    ReplyTimeout,
+    SMTPConnection,
+    TransactionReplies,
+    _ReplyReader,
+    stuff,
+)
 
 # The reference: what aiosmtplib sent (two regular expressions), plus the terminator.
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
@@ -142,3 +151,28 @@ async def test_354_with_every_recipient_refused_is_ended_empty() -> None:
     replies = await mx.run(["b@example.org"])
     assert replies.data is None
     assert b"hi\r\n" not in mx.lines and b".\r\n" in mx.lines
+
+
+async def test_a_server_that_stops_answering_times_out_the_read_and_nothing_leaks() -> None:
+    async def silent_after_banner(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ready\r\n")
+        await asyncio.sleep(5)
+        w.close()
+
+    server = await asyncio.start_server(silent_after_banner, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await SMTPConnection.open("127.0.0.1", port, connect_timeout=5)
+        conn.timeout = 0.1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ReplyTimeout, match=r"no reply within 0\.1 s"):
+            await conn.command(b"EHLO relay.test")
+        assert 0.1 <= loop.time() - started < 2.0
+        # The timer fired into the waiter, not into the task: nothing left cancelled.
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        await asyncio.sleep(0.01)
+    finally:
+        server.close()
+    conn.abort()
