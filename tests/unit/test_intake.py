@@ -1,4 +1,6 @@
-from relay.intake import Intake, new_queue_id, normalize_line_endings, parse
+import email.utils
+
+from relay.intake import Intake, new_queue_id, normalize_line_endings, parse, rfc5322_date
 
 
 def test_every_bare_cr_or_lf_becomes_crlf() -> None:
@@ -62,3 +64,9 @@ def test_has_line_over_agrees_with_measuring_every_line() -> None:
         data = b"\r\n".join(lines) + rng.choice([b"", b"\r\n", b"\r", b"\n"])
         for limit in (1, 2, 9, 10, 11, 20):
             assert has_line_over(data, limit) == (longest_line(data) > limit), (data, limit)
+
+
+def test_dates_are_rfc5322_utc_to_the_second_as_email_utils_writes_them() -> None:
+    for t in (0.0, 1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.0):
+        assert rfc5322_date(t) == email.utils.formatdate(t, localtime=False)
+    assert rfc5322_date(1_795_000_000.2) != rfc5322_date(1_795_000_001.2)
