@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import uuid
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from relay import systemd
 from relay.config import Config, SMTPConfig
-from relay.logs import pairs, redact
+from relay.logs import pairs, redact, setup_logging
 from relay.reload import changed_keys
 
 
@@ -20,6 +21,26 @@ def test_redact_masks_secret_looking_values() -> None:
     out = redact(line)
     assert "hunter2" not in out and "abc def" not in out and "k-123" not in out
     assert "user=alice" in out and "reply=ok" in out
+
+
+def test_log_lines_keep_their_format_without_caller_thread_or_process_lookups(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    saved = (logging.getLogger().handlers[:], logging.getLogger().level, logging._srcfile)
+    try:
+        setup_logging("info", "keyvalue")
+        assert logging._srcfile is None and not logging.logProcesses
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("relay.delivery").exception("delivery qid=Q1 status=failed")
+        err = capsys.readouterr().err
+        assert " level=error delivery qid=Q1 status=failed\n" in err
+        assert "ValueError: boom" in err
+    finally:
+        logging.getLogger().handlers[:], level, logging._srcfile = saved
+        logging.getLogger().setLevel(level)
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = True
 
 
 def test_pairs_lifts_key_value_fields_with_quotes_and_brackets() -> None:
