@@ -14,6 +14,7 @@ from relay.delivery.smtpclient import (
     ReplyTimeout,
     SMTPConnection,
     TransactionReplies,
+    _path,
     _ReplyReader,
     stuff,
 )
@@ -176,3 +177,12 @@ async def test_a_server_that_stops_answering_times_out_the_read_and_nothing_leak
     finally:
         server.close()
     conn.abort()
+
+
+@pytest.mark.parametrize(
+    "address", ["a@b.example\r\nRSET", "a>@b.example", "<a@b.example", "a\x00@b"]
+)
+def test_an_address_that_would_forge_a_command_line_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="not usable on an SMTP command line"):
+        _path(address)
+    assert _path("a@b.example") == b"<a@b.example>"
