@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -372,6 +373,7 @@ class Row:
     duplicates: int = 0
     offered_rate: float = 0.0
     note: str = ""
+    round: int = 1
 
 
 def pct(sorted_values: list[float], p: float) -> float:
@@ -494,6 +496,61 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
+_MEDIAN_FIELDS = (
+    "accept_rate",
+    "e2e_rate",
+    "p50_ms",
+    "p99_ms",
+    "cpu_ms_per_msg",
+    "peak_pss_mb",
+    "peak_rss_mb",
+    "offered_rate",
+)
+
+
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per (scenario, server): the median of each figure over the rounds, and
+    the sums of what was lost, duplicated, refused or failed (any loss must show)."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.scenario, r.server), []).append(r)
+    out = []
+    for (name, server), group in groups.items():
+        m = Row(name, server, round=0)
+        for f in _MEDIAN_FIELDS:
+            setattr(m, f, statistics.median(getattr(r, f) for r in group))
+        m.accepted = sum(r.accepted for r in group)
+        m.delivered = sum(r.delivered for r in group)
+        m.missing = sum(r.missing for r in group)
+        m.duplicates = sum(r.duplicates for r in group)
+        m.note = "; ".join(dict.fromkeys(r.note for r in group if r.note))
+        out.append(m)
+    return out
+
+
+def round_ratios(rows: list[Row]) -> str:
+    """relay/Postfix accept and end-to-end ratio of each round, and their median: the two
+    servers of one round ran minutes apart at most, so each round's ratio is the fairest
+    figure on a machine whose speed drifts."""
+    by = {(r.scenario, r.server, r.round): r for r in rows}
+    rounds = sorted({r.round for r in rows})
+    names = list(dict.fromkeys(r.scenario for r in rows))
+    head = "| scenario | " + " | ".join(f"round {n}" for n in rounds) + " | median |"
+    lines = [head, "|" + "---|" * (len(rounds) + 2)]
+    for name in names:
+        pairs = []
+        for n in rounds:
+            rel, pf = by.get((name, "relay", n)), by.get((name, "postfix", n))
+            if rel and pf and pf.accept_rate and pf.e2e_rate:
+                pairs.append((rel.accept_rate / pf.accept_rate, rel.e2e_rate / pf.e2e_rate))
+        if len(pairs) != len(rounds):
+            continue
+        cells = [f"{a:.2f} / {e:.2f}" for a, e in pairs]
+        med = (statistics.median(a for a, _ in pairs), statistics.median(e for _, e in pairs))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{med[0]:.2f} / {med[1]:.2f}** |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="CI: a few scenarios, < ~2 minutes")
@@ -501,6 +558,12 @@ def main() -> int:
     ap.add_argument("--scenarios", help="comma-separated scenario names")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="N independent rounds (fresh servers each); medians and each round's ratios",
+    )
     ap.add_argument(
         "--duration", type=float, help="cap each load at S seconds (default: none; --quick: 8)"
     )
@@ -534,32 +597,47 @@ def main() -> int:
     print(f"relay: listen.processes {args.relay_processes}", flush=True)
     sink = Sink(workdir)
     servers: list[Server] = []
-    if args.only != "postfix":
-        servers.append(Relay(workdir, sink.port, args.relay_processes))
-    if args.only != "relay":
-        servers.append(Postfix(workdir, sink.port))
     rows: list[Row] = []
     try:
-        for s in servers:
-            s.start()
-        best: dict[tuple[str, str], float] = {}
-        for n, sc in enumerate(chosen):
-            # Alternate who goes first so drift in the machine's load hurts both alike.
-            order = servers if n % 2 == 0 else list(reversed(servers))
-            for s in order:
-                rate = 0.0
-                if sc.half_rate:
-                    rate = best.get((sc.of, "relay"), 0.0) / 2 or 100.0
-                print(f"{sc.name:<22} {s.name:<8} ...", end="", flush=True)
-                run_id = f"{sc.name}-{s.name}-{n}".replace("+", "_")
-                row = run_one(s, sink, sc, run_id, rate, args.duration)
-                best[(sc.name, s.name)] = row.accept_rate
-                rows.append(row)
-                print(
-                    f" accept {row.accept_rate:.0f}/s e2e {row.e2e_rate:.0f}/s"
-                    f" p99 {row.p99_ms:.1f} ms",
-                    flush=True,
-                )
+        for rnd in range(1, args.repeat + 1):
+            if args.repeat > 1:
+                print(f"-- round {rnd} of {args.repeat}", flush=True)
+            # Each round starts both servers afresh in a directory of its own: rounds are
+            # independent runs (no queue, heap or database history carried over), so
+            # their medians mean what a single run's figures mean.
+            home = workdir / f"round{rnd}" if args.repeat > 1 else workdir
+            home.mkdir(exist_ok=True)
+            os.chmod(home, 0o755)
+            servers = []
+            if args.only != "postfix":
+                servers.append(Relay(home, sink.port, args.relay_processes))
+            if args.only != "relay":
+                servers.append(Postfix(home, sink.port))
+            for s in servers:
+                s.start()
+            best: dict[tuple[str, str], float] = {}
+            for n, sc in enumerate(chosen):
+                # Alternate who goes first so drift in the machine's load hurts both alike
+                # (and swap again each round).
+                order = servers if (n + rnd) % 2 == 1 else list(reversed(servers))
+                for s in order:
+                    rate = 0.0
+                    if sc.half_rate:
+                        rate = best.get((sc.of, "relay"), 0.0) / 2 or 100.0
+                    print(f"{sc.name:<22} {s.name:<8} ...", end="", flush=True)
+                    run_id = f"{sc.name}-{s.name}-{rnd}-{n}".replace("+", "_")
+                    row = run_one(s, sink, sc, run_id, rate, args.duration)
+                    row.round = rnd
+                    best[(sc.name, s.name)] = row.accept_rate
+                    rows.append(row)
+                    print(
+                        f" accept {row.accept_rate:.0f}/s e2e {row.e2e_rate:.0f}/s"
+                        f" p99 {row.p99_ms:.1f} ms",
+                        flush=True,
+                    )
+            for s in servers:
+                s.stop()
+            servers = []
     finally:
         for s in servers:
             s.stop()
@@ -568,7 +646,13 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     load1 = os.getloadavg()[0]
     print()
-    print(table(rows))
+    if args.repeat > 1:
+        print(f"Medians of {args.repeat} rounds:\n")
+        print(table(median_rows(rows)))
+        print("\nrelay/postfix, accept / e2e, per round:\n")
+        print(round_ratios(rows))
+    else:
+        print(table(rows))
     print(
         f"\n{os.cpu_count()} CPUs, load average {load1:.1f} at the end;"
         f" {time.monotonic() - started:.0f} s in all." + (f" Logs: {workdir}" if args.keep else "")
