@@ -86,10 +86,7 @@ def _sign(message: bytes, domain: Domain, now: int) -> bytes:
     if split is None or key is None:
         return _sign_with_dkimpy(message, domain)
     headers, body = split
-    names = {name.lower() for name, _ in headers}
-    include = [h.lower() for h in SIGNED_HEADERS if h.lower() in names]
-    if b"from" not in names:
-        include.insert(0, b"from")
+    include = _signed_names({name.lower() for name, _ in headers})
     algorithm = domain.dkim_algorithm.encode()
     d = domain.name.encode()
     fields = [
@@ -124,6 +121,15 @@ def _sign(message: bytes, domain: Domain, now: int) -> bytes:
     fields[-1] = (b"b", base64.b64encode(signature))
     signed = _fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n")
     return _HEADER_NAME + b": " + signed + message
+
+
+def _signed_names(present: set[bytes]) -> list[bytes]:
+    """The h= list, lower case (as dkimpy writes it): the SIGNED_HEADERS the message has,
+    and From always (RFC 6376 §5.4: it MUST be signed, present or not)."""
+    include = [h.lower() for h in SIGNED_HEADERS if h.lower() in present]
+    if b"from" not in present:
+        include.insert(0, b"from")
+    return include
 
 
 def _split_crlf(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
@@ -234,10 +240,7 @@ def _load_key(
 
 
 def _sign_with_dkimpy(message: bytes, domain: Domain) -> bytes:
-    present = {name.lower() for name in _field_names(message)}
-    include = [h for h in SIGNED_HEADERS if h.lower() in present]
-    if b"from" not in present:
-        include.insert(0, b"From")
+    include = _signed_names({name.lower() for name in _field_names(message)})
     signature = dkim.sign(
         message,
         domain.dkim_selector.encode(),
