@@ -23,6 +23,28 @@ def test_redact_masks_secret_looking_values() -> None:
     assert "user=alice" in out and "reply=ok" in out
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "smtp PASSWD=hunter2 ok",
+        "x Authorization: Bearer-hunter2",
+        "x auth_data=hunter2",
+        "x API-KEY=hunter2",
+        # Non-ASCII lines take the regex, which under (?i) reads U+017F as s and U+212A as k.
+        "x pa\u017fsword=hunter2",
+        "x to\u212aen=hunter2",
+    ],
+)
+def test_redact_masks_every_key_form_whichever_path_the_line_takes(line: str) -> None:
+    assert "hunter2" not in redact(line)
+
+
+def test_redact_leaves_a_line_without_secret_keys_as_it_is() -> None:
+    line = "delivery qid=Q1 rcpt_domain=example.org status=delivered reply='250 2.0.0 Ok' ms=1"
+    assert redact(line) is line
+    assert redact("répondu qid=Q1 status=sent") == "répondu qid=Q1 status=sent"
+
+
 def test_log_lines_keep_their_format_without_caller_thread_or_process_lookups(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
