@@ -23,7 +23,7 @@ from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
 from relay.delivery.render import Rendered
 from relay.delivery.render import Renderer as ReputationRenderer
 from relay.errors import StoreUnavailable
-from relay.intake import new_queue_id
+from relay.intake import first_address, new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
 from relay.queue.retry import is_expired, next_delay
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
@@ -413,8 +413,6 @@ def _sessions(claims: list[Claim], per_session: int) -> list[list[Claim]]:
 
 
 def _header_from_domain(body: bytes) -> str:
-    import email.utils
-
     end = body.find(b"\r\n\r\n")
     head = body if end < 0 else body[:end]
     lines = head.split(b"\r\n")
@@ -426,8 +424,5 @@ def _header_from_domain(body: bytes) -> str:
                     value += cont
                 else:
                     break
-            addrs = email.utils.getaddresses([value.decode("utf-8", "replace")])
-            if addrs and "@" in addrs[0][1]:
-                return addrs[0][1].rpartition("@")[2].lower()
-            return ""
+            return first_address(value.decode("utf-8", "replace")).rpartition("@")[2].lower()
     return ""

@@ -1,6 +1,17 @@
+import email.errors
 import email.utils
+import random
+from email.header import decode_header, make_header
 
-from relay.intake import Intake, new_queue_id, normalize_line_endings, parse, rfc5322_date
+from relay.intake import (
+    Intake,
+    decode_subject,
+    first_address,
+    new_queue_id,
+    normalize_line_endings,
+    parse,
+    rfc5322_date,
+)
 
 
 def test_every_bare_cr_or_lf_becomes_crlf() -> None:
@@ -70,3 +81,59 @@ def test_dates_are_rfc5322_utc_to_the_second_as_email_utils_writes_them() -> Non
     for t in (0.0, 1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.0):
         assert rfc5322_date(t) == email.utils.formatdate(t, localtime=False)
     assert rfc5322_date(1_795_000_000.2) != rfc5322_date(1_795_000_001.2)
+
+
+def _getaddresses_first(value: str) -> str:
+    addrs = email.utils.getaddresses([value]) if value else []
+    return addrs[0][1] if addrs and "@" in addrs[0][1] else ""
+
+
+def test_first_address_reads_what_getaddresses_reads_for_simple_and_odd_from_values() -> None:
+    rng = random.Random(7)
+
+    def part(chars: str) -> str:
+        return ".".join(
+            "".join(rng.choice(chars) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 3))
+        )
+
+    values = [
+        "Alice <a@example.com>",
+        "  <a.b+tag@mail.example.com>  ",
+        "a@example.com",
+        "Alice<a@example.com>",
+        '"Doe, Jane" <j@example.com>',
+        "a@example.com (Alice)",
+        "a@example.com, b@example.org",
+        "Group: a@example.com;",
+        "no address here",
+        "a..b@example.com",
+        "<a@-example-.com>",
+        "Alice\r\n <a@example.com>",
+        "",
+    ]
+    for _ in range(3000):
+        local, domain = part("ab9_+-"), part("ab9-")
+        name = " ".join(part("Ab9_-") for _ in range(rng.randint(0, 3)))
+        forms = [f"{name} <{local}@{domain}>", f"{local}@{domain}", f"\t<{local}@{domain}> "]
+        values.append(rng.choice(forms))
+        # and values built from the characters where the two readings could part ways
+        pieces = ["a", "9", "_", "-", "+", ".", "@", " ", "<", ">", '"', ",", "(", ")", ":"]
+        values.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    for value in values:
+        assert first_address(value) == _getaddresses_first(value), value
+
+
+def test_a_plain_subject_takes_the_fast_path_and_reads_as_decode_header_reads_it() -> None:
+    rng = random.Random(3)
+    ascii_chars = [chr(c) for c in range(1, 128)] + ["=?", "?=", "\r\n "]
+    for _ in range(2000):
+        raw = "".join(rng.choice(ascii_chars) for _ in range(rng.randint(0, 30)))
+        try:
+            text = str(make_header(decode_header(raw)))
+            expected = (text.replace("\r\n", "").replace("\n", ""), True)
+        except (ValueError, LookupError, email.errors.HeaderParseError):
+            expected = (raw, False)
+        if "\ufffd" in expected[0]:
+            expected = (expected[0], False)
+        assert decode_subject(raw) == expected, raw
