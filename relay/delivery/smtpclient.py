@@ -172,6 +172,8 @@ class SMTPConnection:
         self._transport = transport
         self._reader = reader
         self.timeout = timeout
+        self._deadline: float | None = None  # of the read waiting now, if one is
+        self._timer: asyncio.TimerHandle | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.opened_at = time.monotonic()
@@ -229,22 +231,48 @@ class SMTPConnection:
     async def read(self) -> Reply:
         """The next reply, within ``timeout`` seconds."""
         reader = self._reader
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        while not reader.replies:
-            if reader.error is not None:
-                raise reader.error
-            reader.waiter = waiter = loop.create_future()
-            # A timer that fails the waiter, not asyncio.timeout_at (a Timeout, the task's
-            # cancellation and its undoing per reply: ~4% of the delivery process's
-            # Python time, issue 9).
-            timer = loop.call_at(deadline, _time_out, waiter, self.timeout)
+        if not reader.replies:
+            loop = asyncio.get_running_loop()
+            self._deadline = deadline = loop.time() + self.timeout
             try:
-                await waiter
+                while not reader.replies:
+                    if reader.error is not None:
+                        raise reader.error
+                    reader.waiter = waiter = loop.create_future()
+                    if self._timer is None or self._timer.when() > deadline:
+                        # (later than this deadline: the timeout was shortened since)
+                        self._stop_timer()
+                        self._timer = loop.call_at(deadline, self._on_timer)
+                    try:
+                        await waiter
+                    finally:
+                        reader.waiter = None
             finally:
-                timer.cancel()
-                reader.waiter = None
+                self._deadline = None
         return reader.replies.popleft()
+
+    # The reply timeout: one timer per connection, moved lazily (as the SMTP server's
+    # session timer). asyncio.timeout_at per reply cost a Timeout and the task's
+    # cancellation and its undoing (~4% of the delivery process's Python time), and a
+    # timer per reply still a TimerHandle, a heap push and a cancel (issue 9). Here a read
+    # sets its deadline; the timer, when it fires, fails the waiting read if that read is
+    # past its deadline, else is armed again at it, and lapses while no read waits.
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter, deadline = self._reader.waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return
+        loop = waiter.get_loop()
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._on_timer)
+            return
+        waiter.set_exception(ReplyTimeout(f"no reply within {self.timeout:g} s"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def send(self, *lines: bytes) -> None:
         if self._reader.error is not None:
@@ -339,6 +367,7 @@ class SMTPConnection:
             self.close()
 
     def close(self) -> None:
+        self._stop_timer()
         self._transport.close()
 
     def quit_nowait(self) -> None:
@@ -348,9 +377,5 @@ class SMTPConnection:
         self.close()
 
     def abort(self) -> None:
+        self._stop_timer()
         self._transport.abort()
-
-
-def _time_out(waiter: asyncio.Future[None], seconds: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(ReplyTimeout(f"no reply within {seconds:g} s"))

@@ -51,20 +51,24 @@ class Policy:
     def __init__(self, checks: Sequence[Check], timeout: float = 10.0) -> None:
         self.checks = list(checks)
         self.timeout = timeout
+        # The stages being checked now, by task, and the one timer that watches them all.
+        self._running: dict[asyncio.Task[object], _Running] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     async def check(self, request: Request) -> Verdict:
-        timer: _CheckTimer | None = None
+        running: _Running | None = None
         try:
             for chk in self.checks:
                 if request.stage not in chk.stages:
                     continue
-                if timer is None:
-                    timer = _CheckTimer(self.timeout)
-                timer.started = timer.loop.time()
+                if running is None:
+                    running = self._watch()
+                running.deadline = running.loop.time() + self.timeout
                 try:
                     verdict = await chk(request)
                 except asyncio.CancelledError:
-                    if timer.expired():
+                    if running.expired():
                         log.error("policy check %s took over %g s", chk.name, self.timeout)
                         return CHECK_FAILED
                     raise
@@ -75,54 +79,70 @@ class Policy:
                     return verdict
             return ACCEPT
         finally:
-            if timer is not None:
-                timer.stop()
+            if running is not None:
+                del self._running[running.task]
 
+    # The per-check timeout with one timer for every session's checks.
+    #
+    # asyncio.timeout around each check cost a Timeout, a timer and its cancellation per
+    # check (~6% of a listener's CPU, issue 9), and a timer per stage still cost a
+    # TimerHandle, a push onto the loop's heap and a cancel (~4 us, three stages per
+    # message) for timeouts that almost never fire. Now a stage is a dict entry. Every
+    # deadline is "now + timeout", so a new one is never earlier than those already
+    # watched: the timer, armed at the earliest, only moves later. When it fires it
+    # cancels the tasks whose check is over its deadline (``_Running.expired`` turns that
+    # cancellation back into a verdict, as asyncio.timeout does with uncancel) and is
+    # armed again at the earliest deadline left, if any.
 
-class _CheckTimer:
-    """The per-check timeout of one stage's checks, with one timer for all of them.
-
-    asyncio.timeout around each check cost a Timeout, a timer and its cancellation per
-    check, about 12 per message: ~6% of a listener's CPU (issue 9). Here one timer is
-    armed per stage and moved lazily: when it fires before the running check has had
-    its full ``timeout`` (a later check started after it was armed), it is armed again
-    for that check's deadline; otherwise it cancels the task, and ``expired`` turns
-    that cancellation back into a verdict, as asyncio.timeout does (uncancel).
-    """
-
-    __slots__ = ("_cancelling", "_fired", "_handle", "loop", "started", "task", "timeout")
-
-    def __init__(self, timeout: float) -> None:
-        self.loop = asyncio.get_running_loop()
+    def _watch(self) -> _Running:
         task = asyncio.current_task()
         assert task is not None
-        self.task = task
-        self.timeout = timeout
-        self.started = self.loop.time()
-        self._cancelling = task.cancelling()
-        self._fired = False
-        self._handle: asyncio.TimerHandle | None = self.loop.call_at(
-            self.started + timeout, self._fire
-        )
+        loop = task.get_loop()
+        running = _Running(task, loop, task.cancelling())
+        self._running[task] = running
+        first = loop.time() + self.timeout
+        # (armed later than this deadline: the timeout was shortened since)
+        if self._timer is None or self._timer_loop is not loop or self._timer.when() > first:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_loop = loop
+            self._timer = loop.call_at(first, self._on_timer, loop)
+        return running
 
-    def _fire(self) -> None:
-        deadline = self.started + self.timeout
-        if self.loop.time() < deadline:
-            self._handle = self.loop.call_at(deadline, self._fire)
-            return
-        self._handle = None
-        self._fired = True
-        self.task.cancel()
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        earliest: float | None = None
+        for running in list(self._running.values()):
+            if running.loop is not loop or running.fired:
+                continue
+            if running.deadline <= now:
+                running.fired = True
+                running.task.cancel()
+            elif earliest is None or running.deadline < earliest:
+                earliest = running.deadline
+        if earliest is not None:
+            self._timer = loop.call_at(earliest, self._on_timer, loop)
+
+
+class _Running:
+    """One task's stage under way: the deadline of the check it awaits now."""
+
+    __slots__ = ("cancelling", "deadline", "fired", "loop", "task")
+
+    def __init__(
+        self, task: asyncio.Task[object], loop: asyncio.AbstractEventLoop, cancelling: int
+    ) -> None:
+        self.task = task
+        self.loop = loop
+        self.cancelling = cancelling
+        self.deadline = 0.0
+        self.fired = False
 
     def expired(self) -> bool:
-        """True when the CancelledError being handled is this timer's own (and no one
-        else cancelled the task meanwhile): it is then consumed."""
-        if not self._fired:
+        """True when the CancelledError being handled is the timer's own (and no one else
+        cancelled the task meanwhile): it is then consumed."""
+        if not self.fired:
             return False
-        self._fired = False
-        return self.task.uncancel() <= self._cancelling
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self.fired = False
+        return self.task.uncancel() <= self.cancelling

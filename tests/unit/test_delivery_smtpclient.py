@@ -154,6 +154,42 @@ async def test_354_with_every_recipient_refused_is_ended_empty() -> None:
     assert b"hi\r\n" not in mx.lines and b".\r\n" in mx.lines
 
 
+async def test_each_read_gets_its_whole_timeout_from_when_it_starts() -> None:
+    # NOOP is answered at once, then the client idles 80 ms (the timer armed by that read
+    # is still set, for 100 ms after it). The next reply takes 60 ms: past that read's
+    # deadline, within its own. Then a reply that never comes times out in 100 ms.
+    async def slow_second(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ready\r\n")
+        answered = 0
+        while await r.readline():
+            answered += 1
+            if answered == 3:
+                await asyncio.sleep(0.06)
+            if answered <= 3:
+                w.write(b"250 ok\r\n")
+
+    server = await asyncio.start_server(slow_second, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await SMTPConnection.open("127.0.0.1", port, connect_timeout=5)
+        # A read under the 5 s connect timeout armed the timer 5 s out; the shorter
+        # command timeout must still hold.
+        conn.send(b"NOOP")
+        await conn.read()
+        conn.timeout = 0.1
+        assert (await conn.command(b"NOOP")).code == 250
+        await asyncio.sleep(0.08)
+        assert (await conn.command(b"NOOP")).code == 250
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ReplyTimeout):
+            await conn.command(b"NOOP")
+        assert 0.1 <= loop.time() - started < 2.0
+    finally:
+        server.close()
+    conn.abort()
+
+
 async def test_a_server_that_stops_answering_times_out_the_read_and_nothing_leaks() -> None:
     async def silent_after_banner(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"220 mx ready\r\n")

@@ -99,3 +99,29 @@ async def test_a_late_check_in_a_stage_gets_its_whole_timeout() -> None:
     checks = [Fixed("a", None, delay=0.03), Fixed("b", None, delay=0.03)]
     checks.append(Fixed("c", None, delay=0.08))
     assert (await Policy(checks, timeout=0.1).check(rcpt())).ok
+
+
+class SlowFor(Fixed):
+    """Quick, except for one recipient."""
+
+    async def __call__(self, request: Request) -> Verdict | None:
+        self.calls += 1
+        await asyncio.sleep(5.0 if request.rcpt == "slow@example.org" else 0.01)
+        return None
+
+
+async def test_concurrent_sessions_share_the_timer_and_only_the_slow_one_times_out() -> None:
+    policy = Policy([SlowFor("maybe-slow", None)], timeout=0.1)
+
+    async def session(rcpt_to: str, stages: int) -> list[Verdict]:
+        request = Request(Stage.RCPT, "submission", "127.0.0.1", rcpt=rcpt_to)
+        return [await policy.check(request) for _ in range(stages)]
+
+    # Quick sessions come and go (each stage adds and drops its entry) while the slow
+    # one waits; their later stages start after the timer was armed and still pass.
+    quick = [asyncio.ensure_future(session("b@example.org", 15)) for _ in range(30)]
+    stalled = asyncio.ensure_future(session("slow@example.org", 1))
+    results = await asyncio.gather(*quick, stalled)
+    assert all(v.ok for verdicts in results[:-1] for v in verdicts)
+    assert results[-1] == [CHECK_FAILED]
+    assert not policy._running
