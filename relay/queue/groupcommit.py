@@ -68,7 +68,8 @@ def _commit_thread_jobs(
     jobs: list[_Job],
     lock: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> list[tuple[bool, Any]]:
-    """On the SQLite thread: one transaction, each job in a SAVEPOINT of its own.
+    """On the SQLite thread: one transaction; each job of several in a SAVEPOINT of its
+    own, so that a failing one is undone alone (a job alone needs none).
 
     A batch of only non-durable jobs (delivery outcomes, claims) commits with
     synchronous=NORMAL:
@@ -90,7 +91,12 @@ def _commit_thread_jobs(
             raw.execute("BEGIN IMMEDIATE")
             try:
                 out = _run_thread_jobs(raw, jobs)
-                raw.execute("COMMIT")
+                if any(ok for ok, _ in out):
+                    raw.execute("COMMIT")
+                elif raw.in_transaction:
+                    # Nothing to keep: every job failed or was cancelled (a job alone
+                    # has no SAVEPOINT to undo, see _run_thread_jobs).
+                    raw.execute("ROLLBACK")
             except BaseException:
                 if raw.in_transaction:
                     raw.execute("ROLLBACK")
@@ -102,6 +108,11 @@ def _commit_thread_jobs(
 
 
 def _run_thread_jobs(raw: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+    if len(jobs) == 1:
+        # A job alone needs no SAVEPOINT: if it fails, the whole transaction is undone
+        # (_commit_thread_jobs). One statement less under the write lock for the usual
+        # batch below full load, where each statement also waits for the GIL (issue 9).
+        return [_run_alone(raw, jobs[0])]
     out: list[tuple[bool, Any]] = []
     for i, job in enumerate(jobs):
         if job.cancelled:
@@ -121,6 +132,19 @@ def _run_thread_jobs(raw: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bo
             continue
         out.append((True, value))
     return out
+
+
+def _run_alone(raw: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
+    if job.cancelled:
+        return (False, None)
+    try:
+        assert job.fn is not None
+        value = job.fn(raw, job.arg)
+    except Exception as exc:  # its writes go with the transaction's ROLLBACK
+        return (False, exc)
+    if job.cancelled:  # its caller gave up while it ran: it must not commit
+        return (False, None)
+    return (True, value)
 
 
 @dataclass(eq=False)

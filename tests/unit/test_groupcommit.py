@@ -129,6 +129,17 @@ async def test_a_failing_thread_job_is_undone_alone_beside_blocks(tmp_path: Path
     await store.close()
 
 
+async def test_a_failing_thread_job_alone_is_undone_with_its_transaction(tmp_path: Path) -> None:
+    store, _ = await _store(tmp_path)
+    # Alone in its batch (no SAVEPOINT): it inserts, then raises; nothing may commit.
+    with pytest.raises(ValueError):
+        await store._committer.run(_insert, -5)
+    assert await store._committer.run(_insert, 6) == 60
+    # A job alone beside nothing else succeeds and commits as before.
+    assert await _count(store) == [6]
+    await store.close()
+
+
 async def test_a_cancelled_thread_job_writes_nothing(tmp_path: Path) -> None:
     store, _ = await _store(tmp_path)
 
