@@ -112,6 +112,12 @@ _GCRA_UPDATE = (
 )
 
 
+def insert_ignoring_duplicates(dialect_name: str, table: sa.Table, key: list[str]) -> Any:
+    """INSERT ... ON CONFLICT (key) DO NOTHING, in the dialect's own construct."""
+    ins: Any = postgresql.insert(table) if dialect_name == "postgresql" else sqlite.insert(table)
+    return ins.on_conflict_do_nothing(index_elements=key)
+
+
 def _counter_add_stmt(dialect_name: str) -> Any:
     ins: Any
     ins = postgresql.insert(counter) if dialect_name == "postgresql" else sqlite.insert(counter)

@@ -243,19 +243,19 @@ async def ensure_warmup_start(store: Store, domain_name: str, today: str) -> str
     if found is not None:
         return found
     async with store._write() as conn:
+        # Another node may record day one between a read and our insert (PostgreSQL:
+        # two nodes sending the domain's first message at once): the insert then does
+        # nothing, and the day read back is whichever row was first.
+        insert = dialect.insert_ignoring_duplicates(store.dialect, warmup_start, ["domain"])
+        await conn.execute(
+            insert.values(domain=domain_name, first_day=today, started_at=store.clock())
+        )
         found = (
             await conn.execute(
                 sa.select(warmup_start.c.first_day).where(warmup_start.c.domain == domain_name)
             )
         ).scalar()
-        if found is None:
-            await conn.execute(
-                warmup_start.insert().values(
-                    domain=domain_name, first_day=today, started_at=store.clock()
-                )
-            )
-            found = today
-    return found
+    return str(found) if found is not None else today
 
 
 async def set_warmup_start(store: Store, domain_name: str, first_day: str) -> None:

@@ -181,3 +181,39 @@ def test_serve_refuses_an_unmigrated_database_and_names_relay_migrate(
     out = relay.cli("migrate").stdout
     assert ", ".join(migrate.head_revisions()) in out
     relay.cli("queue", "list")  # and now every command accepts the database
+
+
+@pytest.mark.postgres
+async def test_a_warm_up_start_another_node_records_meanwhile_is_taken_not_an_error(
+    pg_url: str,
+) -> None:
+    # Two nodes sending a domain's first message at once: both read "no day one", and
+    # the other node's row lands between this node's read and its insert. The insert
+    # failed (duplicate key warmup_start_pkey) and the accept answered 451.
+    import threading
+
+    from relay.queue.limits import ensure_warmup_start
+    from tests.conftest import _pg_admin
+
+    store = Store.open(DatabaseConfig(url=pg_url), node_id="a")
+    other_node = (
+        "INSERT INTO warmup_start (domain, first_day, started_at)"
+        " VALUES ('example.com', '2026-11-20', 0)"
+    )
+    done: list[str] = []
+
+    @sa.event.listens_for(store.engine.sync_engine, "before_cursor_execute")
+    def _meanwhile(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().startswith("INSERT INTO warmup_start") and not done:
+            done.append(statement)
+            # Its own connection and event loop: the other node, committed before ours.
+            t = threading.Thread(target=_pg_admin, args=(pg_url, other_node))
+            t.start()
+            t.join()
+
+    try:
+        await store.migrate()
+        assert await ensure_warmup_start(store, "example.com", "2026-11-26") == "2026-11-20"
+    finally:
+        await store.close()
+    assert done, "the insert was never reached"
