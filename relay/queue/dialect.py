@@ -112,16 +112,18 @@ _GCRA_UPDATE = (
 )
 
 
+def upsert_insert(dialect_name: str, table: sa.Table) -> Any:
+    """The dialect's own INSERT, the one with on_conflict_do_nothing/do_update."""
+    return postgresql.insert(table) if dialect_name == "postgresql" else sqlite.insert(table)
+
+
 def insert_ignoring_duplicates(dialect_name: str, table: sa.Table, key: list[str]) -> Any:
-    """INSERT ... ON CONFLICT (key) DO NOTHING, in the dialect's own construct."""
-    ins: Any = postgresql.insert(table) if dialect_name == "postgresql" else sqlite.insert(table)
-    return ins.on_conflict_do_nothing(index_elements=key)
+    """INSERT ... ON CONFLICT (key) DO NOTHING."""
+    return upsert_insert(dialect_name, table).on_conflict_do_nothing(index_elements=key)
 
 
 def _counter_add_stmt(dialect_name: str) -> Any:
-    ins: Any
-    ins = postgresql.insert(counter) if dialect_name == "postgresql" else sqlite.insert(counter)
-    stmt = ins.values(
+    stmt = upsert_insert(dialect_name, counter).values(
         key=sa.bindparam("c_key"),
         window_start=sa.bindparam("c_window"),
         value=sa.bindparam("c_amount"),
@@ -154,9 +156,9 @@ def counter_upsert(dialect_name: str, key: str, window: float, amount: int, expi
 
     A single statement, so concurrent processes on one database never lose an increment.
     """
-    ins: Any
-    ins = postgresql.insert(counter) if dialect_name == "postgresql" else sqlite.insert(counter)
-    stmt = ins.values(key=key, window_start=window, value=amount, expires_at=expires)
+    stmt = upsert_insert(dialect_name, counter).values(
+        key=key, window_start=window, value=amount, expires_at=expires
+    )
     stmt = stmt.on_conflict_do_update(
         index_elements=[counter.c.key, counter.c.window_start],
         set_={"value": counter.c.value + stmt.excluded.value, "expires_at": expires},
