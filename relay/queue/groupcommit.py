@@ -108,43 +108,32 @@ def _commit_thread_jobs(
 
 
 def _run_thread_jobs(raw: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
-    if len(jobs) == 1:
-        # A job alone needs no SAVEPOINT: if it fails, the whole transaction is undone
-        # (_commit_thread_jobs). One statement less under the write lock for the usual
-        # batch below full load, where each statement also waits for the GIL (issue 9).
-        return [_run_alone(raw, jobs[0])]
+    # A job alone needs no SAVEPOINT: if it fails, the whole transaction is undone
+    # (_commit_thread_jobs). One statement less under the write lock for the usual
+    # batch below full load, where each statement also waits for the GIL (issue 9).
+    savepoints = len(jobs) > 1
     out: list[tuple[bool, Any]] = []
     for i, job in enumerate(jobs):
         if job.cancelled:
             out.append((False, None))
             continue
-        raw.execute(f"SAVEPOINT relay_job_{i}")
+        if savepoints:
+            raw.execute(f"SAVEPOINT relay_job_{i}")
         try:
             assert job.fn is not None
             value = job.fn(raw, job.arg)
         except Exception as exc:  # the job's own failure: undo it alone
-            raw.execute(f"ROLLBACK TO relay_job_{i}")
+            if savepoints:
+                raw.execute(f"ROLLBACK TO relay_job_{i}")
             out.append((False, exc))
             continue
         if job.cancelled:  # its caller gave up while it ran: it must not commit
-            raw.execute(f"ROLLBACK TO relay_job_{i}")
+            if savepoints:
+                raw.execute(f"ROLLBACK TO relay_job_{i}")
             out.append((False, None))
             continue
         out.append((True, value))
     return out
-
-
-def _run_alone(raw: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
-    if job.cancelled:
-        return (False, None)
-    try:
-        assert job.fn is not None
-        value = job.fn(raw, job.arg)
-    except Exception as exc:  # its writes go with the transaction's ROLLBACK
-        return (False, exc)
-    if job.cancelled:  # its caller gave up while it ran: it must not commit
-        return (False, None)
-    return (True, value)
 
 
 @dataclass(eq=False)
