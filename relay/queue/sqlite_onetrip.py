@@ -35,7 +35,6 @@ _COUNTER_ADD = (
     ' ON CONFLICT ("key", window_start) DO UPDATE'
     " SET value = counter.value + excluded.value, expires_at = excluded.expires_at"
 )
-_COUNTER_SUM = 'SELECT coalesce(sum(value), 0) FROM counter WHERE "key" = ? AND window_start >= ?'
 
 # Each statement on the SQLite thread gives up the GIL and waits to take it back from the
 # event loop, which at full load runs Python nearly all the time: an accept batch of
