@@ -19,6 +19,13 @@ awaited step by step on the event loop, so while the loop also serves every SMTP
 session a batch of 20 blocks held the write lock for up to ~100 ms and the other
 process waited (issue 9); a batch of thread jobs holds it for the SQLite work alone
 (and costs one trip instead of four per job: BEGIN, SAVEPOINT, job, COMMIT).
+
+A thread job may also name a ``many`` function: consecutive jobs with the same one run
+as one call, ``many(raw, [arg, ...])``, which does what each job would do, in order,
+with a few multi-row statements instead of several statements per job (the accepts,
+sqlite_onetrip.accept_many). If that call raises, or a caller gives up while it runs,
+its writes are undone and the jobs run one by one as before, each in its SAVEPOINT: the
+outcome of every job is the same either way.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ _current: contextvars.ContextVar[AsyncConnection | None] = contextvars.ContextVa
 BeginWrite = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
 # Runs fn(sqlite3_connection, arg) on the thread of conn's connection (sqlite_onetrip).
 OnThread = Callable[[AsyncConnection, Callable[..., Any], Any], Awaitable[Any]]
+# Several thread jobs' arguments in, each one's (succeeded, value or exception) out.
+Many = Callable[[sqlite3.Connection, list[Any]], list[tuple[bool, Any]]]
 
 
 @dataclass(eq=False)
@@ -61,6 +70,7 @@ class _Job:
     outcome: tuple[bool, Any] = (False, None)
     # False: the job's writes may wait for the next fsync (see _commit_thread_jobs).
     durable: bool = True
+    many: Many | None = None
 
 
 def _commit_thread_jobs(
@@ -113,27 +123,65 @@ def _run_thread_jobs(raw: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bo
     # batch below full load, where each statement also waits for the GIL (issue 9).
     savepoints = len(jobs) > 1
     out: list[tuple[bool, Any]] = []
-    for i, job in enumerate(jobs):
-        if job.cancelled:
-            out.append((False, None))
-            continue
-        if savepoints:
-            raw.execute(f"SAVEPOINT relay_job_{i}")
-        try:
-            assert job.fn is not None
-            value = job.fn(raw, job.arg)
-        except Exception as exc:  # the job's own failure: undo it alone
-            if savepoints:
-                raw.execute(f"ROLLBACK TO relay_job_{i}")
-            out.append((False, exc))
-            continue
-        if job.cancelled:  # its caller gave up while it ran: it must not commit
-            if savepoints:
-                raw.execute(f"ROLLBACK TO relay_job_{i}")
-            out.append((False, None))
-            continue
-        out.append((True, value))
+    i = 0
+    while i < len(jobs):
+        many, end = jobs[i].many, i + 1
+        if many is not None and savepoints:
+            while end < len(jobs) and jobs[end].many is many:
+                end += 1
+            if end - i > 1:
+                together = _run_many(raw, many, jobs[i:end], i)
+                if together is not None:
+                    out.extend(together)
+                    i = end
+                    continue
+        out.extend(_run_one(raw, job, k, savepoints) for k, job in enumerate(jobs[i:end], i))
+        i = end
     return out
+
+
+def _run_one(raw: sqlite3.Connection, job: _Job, i: int, savepoint: bool) -> tuple[bool, Any]:
+    if job.cancelled:
+        return (False, None)
+    if savepoint:
+        raw.execute(f"SAVEPOINT relay_job_{i}")
+    try:
+        assert job.fn is not None
+        value = job.fn(raw, job.arg)
+    except Exception as exc:  # the job's own failure: undo it alone
+        if savepoint:
+            raw.execute(f"ROLLBACK TO relay_job_{i}")
+        return (False, exc)
+    if job.cancelled:  # its caller gave up while it ran: it must not commit
+        if savepoint:
+            raw.execute(f"ROLLBACK TO relay_job_{i}")
+        return (False, None)
+    return (True, value)
+
+
+def _run_many(
+    raw: sqlite3.Connection, many: Many, run: list[_Job], first: int
+) -> list[tuple[bool, Any]] | None:
+    """The jobs of ``run`` in one ``many`` call; None (its writes undone) when they must
+    run one by one instead: the call raised, or a caller gave up while it ran."""
+    skipped = [job.cancelled for job in run]  # read once: the loop may set it any time
+    live = [job for job, gone in zip(run, skipped, strict=True) if not gone]
+    if not live:
+        return [(False, None)] * len(run)
+    raw.execute(f"SAVEPOINT relay_many_{first}")
+    try:
+        outcomes = many(raw, [job.arg for job in live])
+        if len(outcomes) != len(live) or any(job.cancelled for job in live):
+            raise _OneByOne
+    except Exception:
+        raw.execute(f"ROLLBACK TO relay_many_{first}")
+        return None
+    done = iter(outcomes)
+    return [(False, None) if gone else next(done) for gone in skipped]
+
+
+class _OneByOne(Exception):
+    """A caller gave up while its job ran with others: run them one by one instead."""
 
 
 @dataclass(eq=False)
@@ -202,14 +250,16 @@ class GroupCommitter:
         arg: T,
         urgent: bool = False,
         durable: bool = True,
+        many: Many | None = None,
     ) -> R:
         """A thread job: ``fn(raw_connection, arg)`` in the next batch; its return value
         once the batch has COMMITted, or what it raised (its writes undone then).
-        ``durable=False``: see _commit_thread_jobs."""
+        ``durable=False``: see _commit_thread_jobs. ``many``: see the module's text."""
         assert self.batch and self.on_thread and self.connect_write, "thread jobs: SQLite"
         loop = self._own(asyncio.get_running_loop())
         job = _Job(loop.create_future(), loop.create_future(), loop.create_future(), fn, arg)
         job.durable = durable
+        job.many = many
         self._enqueue(loop, job, urgent)
         try:
             await asyncio.shield(job.committed)

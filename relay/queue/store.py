@@ -38,7 +38,7 @@ from relay.model import (
 )
 from relay.queue import dialect, sqlite_driver, sqlite_onetrip
 from relay.queue.cache import RowCache
-from relay.queue.groupcommit import GroupCommitter
+from relay.queue.groupcommit import GroupCommitter, Many
 from relay.queue.hotread import HotReader, fetch_all
 from relay.queue.tables import (
     account,
@@ -549,11 +549,12 @@ class Store:
         arg: T,
         urgent: bool = False,
         durable: bool = True,
+        many: Many | None = None,
     ) -> R:
         """SQLite: ``fn(raw_connection, arg)`` as a group-commit thread job; its result once
         committed. Database errors become StoreUnavailable, as ``_write`` does."""
         with _translated():
-            return await self._committer.run(fn, arg, urgent, durable)
+            return await self._committer.run(fn, arg, urgent, durable, many)
 
     @asynccontextmanager
     async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
@@ -921,7 +922,7 @@ class Store:
             ],
         )
         try:
-            await self._thread_job(sqlite_onetrip.accept_job, rows)
+            await self._thread_job(sqlite_onetrip.accept_job, rows, many=sqlite_onetrip.accept_many)
         except sqlite_onetrip.Refusal as exc:
             if exc.refused.count is None:
                 _rate_limited(rate, exc.refused.wait)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -217,4 +218,57 @@ async def test_every_thread_batch_writes_on_the_same_connection(tmp_path: Path) 
         )
         seen.update(batch[:3])
     assert len(seen) == 1
+    await store.close()
+
+
+_many_calls: list[list[int]] = []
+
+
+def _insert_all(raw: object, xs: list[int]) -> list[tuple[bool, object]]:
+    """A ``many`` for _insert: one multi-row statement; raises as a whole if any fails."""
+    _many_calls.append(list(xs))
+    values = ", ".join("(?)" for _ in xs)
+    raw.execute(f"INSERT INTO t (x) VALUES {values}", xs)  # type: ignore[attr-defined]
+    return [(True, x * 10) for x in xs]
+
+
+async def test_consecutive_jobs_with_a_many_run_in_one_call_with_their_own_values(
+    tmp_path: Path,
+) -> None:
+    store, _ = await _store(tmp_path)
+    _many_calls.clear()
+    jobs = (store._committer.run(_insert, i, many=_insert_all) for i in range(1, 31))
+    assert await asyncio.gather(*jobs) == [i * 10 for i in range(1, 31)]
+    assert await _count(store) == list(range(1, 31))
+    # The first job commits alone (nothing else was queued yet); the rest together.
+    assert any(len(xs) > 1 for xs in _many_calls)
+    assert sorted(x for xs in _many_calls for x in xs) == list(range(1, 31))
+    await store.close()
+
+
+async def test_when_the_many_call_fails_its_jobs_run_one_by_one_and_only_the_bad_one_fails(
+    tmp_path: Path,
+) -> None:
+    store, _ = await _store(tmp_path)
+    async with store._write() as conn:
+        await conn.execute(T.insert().values(x=4))
+    _many_calls.clear()
+
+    async def hold() -> None:
+        async with store._write() as conn:
+            await conn.execute(T.insert().values(x=1))
+            await asyncio.sleep(0.1)  # the jobs below queue up behind this batch
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.02)
+    # 4 is taken: the one statement for 3, 4, 5 fails; one by one, only 4 fails.
+    results = await asyncio.gather(
+        *(store._committer.run(_insert, x, many=_insert_all) for x in (3, 4, 5)),
+        return_exceptions=True,
+    )
+    await holder
+    assert _many_calls == [[3, 4, 5]]
+    assert results[0] == 30 and results[2] == 50
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert await _count(store) == [1, 3, 4, 5]
     await store.close()

@@ -8,8 +8,17 @@ import sqlite3
 import sqlalchemy as sa
 
 from relay.queue.dialect import gcra_next
-from relay.queue.sqlite_onetrip import _COUNTER_ADD_WITHIN, _GCRA_TAKE
-from relay.queue.tables import counter, limit_state
+from relay.queue.sqlite_onetrip import (
+    _COUNTER_ADD_WITHIN,
+    _GCRA_TAKE,
+    AcceptRows,
+    Bucket,
+    Count,
+    Refusal,
+    accept_job,
+    accept_many,
+)
+from relay.queue.tables import counter, limit_state, metadata
 
 _SUM = 'SELECT coalesce(sum(value), 0) FROM counter WHERE "key" = ? AND window_start >= ?'
 
@@ -71,3 +80,121 @@ def test_a_limited_counter_is_added_only_while_the_sum_stays_within_the_limit() 
         else:
             assert changed == 0 and after == before
     engine.dispose()
+
+
+def _tables() -> tuple[sa.Engine, sqlite3.Connection]:
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    raw = engine.raw_connection().driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    raw.isolation_level = None
+    return engine, raw
+
+
+def _random_accept(rng: random.Random, n: int, now: float) -> AcceptRows:
+    hour = 3600.0
+    mid = f"m{n}"
+    rcpts = [f"r{rng.randint(0, 3)}@example.org" for _ in range(rng.randint(1, 3))]
+    counts = []
+    for key in sorted({"daily:1", *(f"rcpt:1:{r}" for r in rcpts)}):
+        window = now // hour * hour - rng.choice([0, 0, 0, hour])
+        limit = rng.choice([None, rng.randint(0, 12)])
+        since = window - rng.choice([0, hour, 5 * hour])
+        counts.append(
+            Count(key, window, rng.randint(1, 3), window + rng.randint(1, 9), limit, since)
+        )
+    bucket = None
+    if rng.random() < 0.8:
+        tolerance = rng.choice([0.0, 0.5, 2.0, -0.1])
+        bucket = Bucket(rng.choice(["rate:1", "rate:2"]), now, 0.1, tolerance, len(rcpts))
+    return AcceptRows(
+        message={
+            "id": mid,
+            "account_id": 1,
+            "mail_from": "a@example.com",
+            "header_from": "a@example.com",
+            "subject": f"s{n}",
+            "message_id_header": f"<{mid}@x>",
+            "size": 3,
+            "body": b"abc",
+            "client": "127.0.0.1",
+            "node_id": "n",
+            "created_at": now,
+        },
+        recipients=[
+            {
+                "message_id": mid,
+                "address": r,
+                "rcpt_domain": "example.org",
+                "status": "queued",
+                "due_at": now,
+                "reason": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for r in rcpts
+        ],
+        events=[
+            {
+                "at": now,
+                "kind": "accepted",
+                "account_id": 1,
+                "message_id": mid,
+                "recipient": r,
+                "data": "{}",
+                "node_id": "n",
+            }
+            for r in rcpts
+        ],
+        bucket=bucket,
+        counts=counts,
+    )
+
+
+def _one_by_one(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[object]:
+    """What the group commit did before accept_many: each job in its SAVEPOINT."""
+    out: list[object] = []
+    for i, rows in enumerate(batch):
+        raw.execute(f"SAVEPOINT j{i}")
+        try:
+            accept_job(raw, rows)
+        except Refusal as exc:
+            raw.execute(f"ROLLBACK TO j{i}")
+            out.append(exc.refused)
+        else:
+            out.append(None)
+    return out
+
+
+def _dump(raw: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    tables = ("limit_state", "counter", "message", "recipient", "event")
+    return {t: raw.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+
+def test_accept_many_decides_and_writes_exactly_what_accept_job_does_one_by_one() -> None:
+    rng = random.Random(17)
+    engines, (one, many) = zip(*(_tables() for _ in range(2)), strict=True)
+    now, n = 1_800_000_000.0, 0
+    reasons: set[str] = set()
+    for _ in range(150):
+        batch = []
+        for _ in range(rng.randint(1, 12)):
+            now += rng.choice([0.0, 0.001, 0.05, 0.3, 700.0])
+            batch.append(_random_accept(rng, n, now))
+            n += 1
+        one.execute("BEGIN")
+        many.execute("BEGIN")
+        expected = _one_by_one(one, batch)
+        got = [
+            None if ok else value.refused  # type: ignore[union-attr]
+            for ok, value in accept_many(many, batch)
+        ]
+        one.execute("COMMIT")
+        many.execute("COMMIT")
+        assert got == expected
+        reasons.update("rate" if x.count is None else "count" for x in got if x is not None)
+        assert _dump(many) == _dump(one)
+    # The batches had refusals of both kinds among the accepts.
+    assert reasons == {"rate", "count"}
+    for engine in engines:
+        engine.dispose()
