@@ -64,7 +64,7 @@ class RelayApp:
         # Lease owner: node id plus a per-process nonce, so a restarted process (or two
         # processes with the same node id) never mistakes another's lease for its own.
         self.owner = f"{cfg.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.store = Store.open(cfg.database, node_id=cfg.node_id)
+        self.store = Store.open(cfg.database, node_id=cfg.node_id, own_checkpoints=True)
         self.limiter = ConnectionLimiter(cfg.smtp.max_connections_per_ip)
         self.listeners: list[Listener] = []
         self.worker: DeliveryWorker | None = None
@@ -118,6 +118,8 @@ class RelayApp:
                 self.parent.ready()
             log.info("relay listener process started node=%s pid=%d", cfg.node_id, os.getpid())
             return
+        # The main process checkpoints the database for every process (checkpoint.py).
+        self.store.start_checkpoints()
         self.worker = DeliveryWorker(
             self.store,
             cfg.delivery,

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from relay.queue.tables import counter, limit_state
 
 
-def configure_sqlite(engine: AsyncEngine) -> None:
+def configure_sqlite(engine: AsyncEngine, autocheckpoint: int | None = None) -> None:
     """WAL with synchronous=FULL, and BEGIN IMMEDIATE for writing transactions.
 
     synchronous=FULL: in WAL mode every commit fsyncs the WAL, so a transaction that
@@ -40,6 +40,9 @@ def configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA cache_size=-32000")
         cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.execute("PRAGMA mmap_size=268435456")
+        if autocheckpoint is not None:
+            # relay serve: a thread does most checkpointing (checkpoint.py).
+            cursor.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
         cursor.close()
 
     @sa.event.listens_for(engine.sync_engine, "begin")

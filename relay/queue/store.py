@@ -38,6 +38,7 @@ from relay.model import (
 )
 from relay.queue import dialect, sqlite_driver, sqlite_onetrip
 from relay.queue.cache import RowCache
+from relay.queue.checkpoint import BACKSTOP_PAGES, CHECKPOINT_EVERY, Checkpointer
 from relay.queue.groupcommit import GroupCommitter, Many
 from relay.queue.hotread import HotReader, fetch_all
 from relay.queue.tables import (
@@ -477,13 +478,22 @@ class Store:
         self._writer_loop: asyncio.AbstractEventLoop | None = None
         # The per-message reads' own threads and connections (hotread.py).
         self._hot = HotReader(database) if self._write_lock is not None and database else None
+        self._checkpointer: Checkpointer | None = None
         # Slow-changing rows read per message (accounts, domains, limits): see cache.py.
         self.cache = RowCache(cache_seconds)
         if self.cache.enabled:
             self.cache.watch(engine)
 
     @classmethod
-    def open(cls, db: DatabaseConfig, node_id: str = "", clock: Clock = time.time) -> Store:
+    def open(
+        cls,
+        db: DatabaseConfig,
+        node_id: str = "",
+        clock: Clock = time.time,
+        own_checkpoints: bool = False,
+    ) -> Store:
+        """``own_checkpoints`` (relay serve): SQLite's automatic WAL checkpoint only as a
+        backstop; the serving process checkpoints on a thread (checkpoint.py)."""
         kwargs: dict[str, Any] = {}
         if db.is_sqlite:
             kwargs["connect_args"] = {"timeout": db.statement_timeout}
@@ -507,10 +517,21 @@ class Store:
             }
         engine = create_async_engine(db.url, **kwargs)
         if db.is_sqlite:
-            dialect.configure_sqlite(engine)
+            dialect.configure_sqlite(engine, BACKSTOP_PAGES if own_checkpoints else None)
         return cls(engine, node_id=node_id, clock=clock, cache_seconds=db.cache_seconds)
 
+    def start_checkpoints(self, every: float = CHECKPOINT_EVERY) -> None:
+        """SQLite file: WAL checkpoints on a thread from now on (checkpoint.py), for the
+        serving process; its store opened with ``own_checkpoints``."""
+        if self._write_lock is not None and self._checkpointer is None:
+            assert self.engine.url.database
+            self._checkpointer = Checkpointer(self.engine.url.database, every)
+            self._checkpointer.start()
+
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
         if self._writer is not None and self._writer_loop is asyncio.get_running_loop():
             await self._writer.close()
         self._writer = None
