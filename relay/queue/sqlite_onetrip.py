@@ -30,11 +30,13 @@ T = TypeVar("T")
 _GCRA_SELECT = 'SELECT value FROM limit_state WHERE "key" = ?'
 # No RETURNING: nothing reads the new value, and each returned row is one more
 # sqlite3_step, one more GIL release and re-take on this thread (issue 9).
-_COUNTER_ADD = (
-    'INSERT INTO counter ("key", window_start, value, expires_at) VALUES (?, ?, ?, ?)'
+# An increment of a counter window: the one ON CONFLICT clause of every counter upsert.
+_COUNTER_ADDS_UP = (
     ' ON CONFLICT ("key", window_start) DO UPDATE'
     " SET value = counter.value + excluded.value, expires_at = excluded.expires_at"
 )
+_COUNTER_INSERT = 'INSERT INTO counter ("key", window_start, value, expires_at)'
+_COUNTER_ADD = _COUNTER_INSERT + " VALUES (?, ?, ?, ?)" + _COUNTER_ADDS_UP
 
 # Each statement on the SQLite thread gives up the GIL and waits to take it back from the
 # event loop, which at full load runs Python nearly all the time: an accept batch of
@@ -52,12 +54,9 @@ _GCRA_TAKE = (
 # A limited counter: added only when the sum since ``since`` plus the amount stays within
 # the limit (the window added to is never before ``since``: Limits builds them so).
 _COUNTER_ADD_WITHIN = (
-    'INSERT INTO counter ("key", window_start, value, expires_at)'
-    " SELECT :key, :window, :amount, :expires"
+    _COUNTER_INSERT + " SELECT :key, :window, :amount, :expires"
     " WHERE (SELECT coalesce(sum(value), 0) FROM counter"
-    ' WHERE "key" = :key AND window_start >= :since) + :amount <= :limit'
-    ' ON CONFLICT ("key", window_start) DO UPDATE'
-    " SET value = counter.value + excluded.value, expires_at = excluded.expires_at"
+    ' WHERE "key" = :key AND window_start >= :since) + :amount <= :limit' + _COUNTER_ADDS_UP
 )
 
 
@@ -223,8 +222,8 @@ def accept_many(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[tuple[
     counter's sum; each accept is then taken or refused in Python exactly as the
     statements of ``accept_job`` decide (``gcra_next``; sum + amount <= limit, counting
     what the accepts before it in the batch added); one multi-row statement per table
-    writes what the accepted ones add. About seven statements for the batch instead of
-    seven per accept: each statement on this thread waits for the GIL (issue 9)."""
+    writes what the accepted ones add. Six statements for the batch instead of seven per
+    accept: each statement on this thread waits for the GIL (issue 9)."""
     cur = raw.cursor()
     try:
         tat_keys = list(dict.fromkeys(r.bucket.key for r in batch if r.bucket is not None))
@@ -232,27 +231,24 @@ def accept_many(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[tuple[
             dict.fromkeys((c.key, c.since) for r in batch for c in r.counts if c.limit is not None)
         )
         tats, sums = _lookup(cur, tat_keys, sum_keys) if tat_keys or sum_keys else ({}, {})
-        # What the accepted ones before added: per key, amount by window_start.
+        # What the accepted ones before added: per key, amount by window_start; and
+        # each window's expiry, the last add's (as one upsert after another).
         added: dict[str, dict[float, int]] = {}
-        counters: dict[tuple[str, float], list[Any]] = {}  # (key, window) -> [sum, expires]
+        expires: dict[tuple[str, float], float] = {}
         taken: dict[str, float] = {}
         accepted: list[AcceptRows] = []
         out: list[tuple[bool, Any]] = []
         for rows in batch:
-            refused = _refusal(rows, tats, sums, added)
+            refused, tat = _verdict(rows, tats, sums, added)
             if refused is not None:
                 out.append((False, Refusal(refused)))
                 continue
-            b = rows.bucket
-            if b is not None:
-                _, tat = gcra_next(tats[b.key], b.now, b.interval, b.tolerance, b.amount)
-                tats[b.key] = taken[b.key] = tat
+            if rows.bucket is not None:
+                tats[rows.bucket.key] = taken[rows.bucket.key] = tat
             for c in rows.counts:
                 windows = added.setdefault(c.key, {})
                 windows[c.window] = windows.get(c.window, 0) + c.amount
-                total = counters.setdefault((c.key, c.window), [0, c.expires_at])
-                total[0] += c.amount
-                total[1] = c.expires_at  # the last add's, as one upsert after another
+                expires[(c.key, c.window)] = c.expires_at
             accepted.append(rows)
             out.append((True, None))
         if taken:
@@ -267,32 +263,28 @@ def accept_many(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[tuple[
             _insert_dicts(cur, "message", [r.message for r in accepted])
             _insert_dicts(cur, "recipient", [x for r in accepted for x in r.recipients])
             _insert_dicts(cur, "event", [x for r in accepted for x in r.events])
-        if counters:
-            _insert_many(
-                cur,
-                'INSERT INTO counter ("key", window_start, value, expires_at)',
-                4,
-                [(k, w, total, expires) for (k, w), (total, expires) in counters.items()],
-                ' ON CONFLICT ("key", window_start) DO UPDATE'
-                " SET value = counter.value + excluded.value, expires_at = excluded.expires_at",
-            )
+        if expires:
+            rows_added = [(k, w, added[k][w], at) for (k, w), at in expires.items()]
+            _insert_many(cur, _COUNTER_INSERT, 4, rows_added, _COUNTER_ADDS_UP)
         return out
     finally:
         cur.close()
 
 
-def _refusal(
+def _verdict(
     rows: AcceptRows,
     tats: dict[str, float | None],
     sums: dict[tuple[str, float], int],
     added: dict[str, dict[float, int]],
-) -> AcceptRefused | None:
-    """Why ``accept_job`` would refuse this accept after the batch's earlier ones."""
+) -> tuple[AcceptRefused | None, float]:
+    """Why ``accept_job`` would refuse this accept after the batch's earlier ones (None:
+    it takes it), and its bucket's new TAT when taken (0.0 without a bucket)."""
+    tat = 0.0
     b = rows.bucket
     if b is not None:
-        wait, _ = gcra_next(tats[b.key], b.now, b.interval, b.tolerance, b.amount)
+        wait, tat = gcra_next(tats[b.key], b.now, b.interval, b.tolerance, b.amount)
         if wait > 0.0:
-            return AcceptRefused(wait=wait)
+            return AcceptRefused(wait=wait), tat
     mine: list[tuple[str, float, int]] = []  # this accept's own earlier counts
     for i, c in enumerate(rows.counts):
         if c.limit is not None:
@@ -300,9 +292,9 @@ def _refusal(
             used += sum(n for w, n in added.get(c.key, {}).items() if w >= c.since)
             used += sum(n for k, w, n in mine if k == c.key and w >= c.since)
             if used + c.amount > c.limit:
-                return AcceptRefused(count=i)
+                return AcceptRefused(count=i), tat
         mine.append((c.key, c.window, c.amount))
-    return None
+    return None, tat
 
 
 # The driver connection under each AsyncConnection: get_raw_connection() is a greenlet
