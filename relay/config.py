@@ -112,6 +112,13 @@ class DeliveryConfig:
     connection_reuse_time: float = 300.0
     batch_size: int = 200
     poll_interval: float = 1.0
+    # New mail wakes delivery, which waits this long before it claims, so that mail
+    # accepted meanwhile goes out with it: one claim transaction, one DKIM trip to a
+    # thread and shared sessions instead of one of each per message, and fewer writes
+    # contending with the accepts' commits. At 300 msg/s 0.05 s cut delivery's CPU per
+    # message from 2.2 to 1.2 ms (issue 9). 0.2 s saved no more there, and its larger
+    # bursts of delivery work doubled the accepts' p99. A message waits at most this.
+    claim_delay: float = 0.05
     lease_seconds: float = 120.0
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
@@ -582,6 +589,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.concurrency", "must be >= 1")
     if cfg.delivery.messages_per_connection < 1:
         problems.add("delivery.messages_per_connection", "must be >= 1")
+    if not 0 <= cfg.delivery.claim_delay <= 10:
+        problems.add("delivery.claim_delay", "expected 0-10 seconds (0: claim at once)")
     if cfg.delivery.connection_cache_time < 0:
         problems.add("delivery.connection_cache_time", "must be >= 0")
     if cfg.delivery.connection_reuse_time <= 0:

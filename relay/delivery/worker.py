@@ -101,19 +101,29 @@ class DeliveryWorker:
                     log.exception("claim failed unexpectedly")
                     await self._sleep(min(5.0, self.cfg.poll_interval * 5))
                     continue
-                if not full:
-                    # Everything due was taken: wait for an accept's wake-up (or the
-                    # poll). Claiming again at once found nothing at a steady trickle,
-                    # and an empty claim is still a write transaction (issue 9).
-                    await self._sleep(self.cfg.poll_interval)
+                # Everything due was taken: wait for an accept's wake-up (or the poll).
+                # Claiming again at once found nothing at a steady trickle, and an empty
+                # claim is still a write transaction (issue 9).
+                if not full and await self._sleep(self.cfg.poll_interval):
+                    await self._gather()
         finally:
             renewer.cancel()
             self.running = False
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait for a wake-up or ``seconds``; True when woken."""
+        woken = True
+        try:
             await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            woken = False
         self._wake.clear()
+        return woken
+
+    async def _gather(self) -> None:
+        """Let mail accepted just after the wake-up join the claim (delivery.claim_delay)."""
+        if self.cfg.claim_delay > 0 and not self._stopping:
+            await asyncio.sleep(self.cfg.claim_delay)
 
     async def _claim(self) -> bool:
         """Claim what is due; True when the claim was full (more may be waiting)."""

@@ -71,6 +71,24 @@ async def test_recipients_at_one_domain_share_one_transaction(
     assert sorted(got[0].rcpt_tos) == rcpts
 
 
+async def test_mail_accepted_within_claim_delay_goes_out_in_one_session(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    # Sessions are not kept between batches here, so one client port at the sink means
+    # the four messages were claimed together (delivery.claim_delay). With 0 they go
+    # out in several sessions.
+    relay = make_relay({"delivery": {"claim_delay": 2.0, "connection_cache_time": 0}})
+    relay.setup()
+    relay.start()
+    for i in range(4):
+        rcpt = f"r{i}@example.org"
+        msg = make_message("a@example.com", [rcpt], subject=f"burst {i}")
+        await submit(relay.submission_port, sender="a@example.com", recipients=[rcpt], data=msg)
+    got = sink.wait_for(4)
+    assert sorted(r for m in got for r in m.rcpt_tos) == [f"r{i}@example.org" for i in range(4)]
+    assert len({m.peer for m in got}) == 1, [m.peer for m in got]
+
+
 async def test_status_reports_delivered_with_mx_and_tls(
     relay: RelayProcess, sink: SMTPSink
 ) -> None:

@@ -63,3 +63,11 @@ def test_listener_processes_are_a_count_up_to_64(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, "listen:\n  processes: 65\n"))
     assert "listen.processes: expected 0-64, got 65" in str(exc.value)
+
+
+def test_claim_delay_outside_0_to_10_seconds_is_refused(tmp_path: Path) -> None:
+    for bad, says in (("-0.1", "expected a number of seconds >= 0"), ("11", "expected 0-10")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, f"delivery:\n  claim_delay: {bad}\n"))
+        assert f"delivery.claim_delay: {says}" in str(exc.value)
+    assert load_config(write(tmp_path, "delivery:\n  claim_delay: 0\n")).delivery.claim_delay == 0
