@@ -170,17 +170,38 @@ def _values_sql(head: str, width: int, rows: int, tail: str = "") -> str:
 
 
 def _insert_many(
-    cur: sqlite3.Cursor, head: str, width: int, rows: Sequence[Sequence[Any]], tail: str = ""
+    cur: sqlite3.Cursor,
+    head: str,
+    width: int,
+    rows: Sequence[Sequence[Any]],
+    tail: str = "",
+    *,
+    pow2: bool = False,
 ) -> None:
-    """``head VALUES (...), (...) tail``: many rows in one statement, in order."""
+    """``head VALUES (...), (...) tail``: many rows in one statement, in order.
+
+    ``pow2``: statements of 1, 2, 4 ... rows only. SQLite keeps a statement's bound
+    values until it is bound again (sqlite3_reset does not clear them), and sqlite3
+    caches up to 128 statements a connection, one per row count here: each kept a copy
+    of the last bodies it inserted. At 100 sessions of 100 KB that was ~110 MB of the
+    listener's peak (issue 9). With powers of two at most ~2x the largest batch's
+    bodies stay bound, for at most one more statement per set bit of the batch size."""
     per = max(1, min(_MAX_ROWS, _MAX_PARAMS // width))
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        cur.execute(_values_sql(head, width, len(chunk), tail), [v for r in chunk for v in r])
+    start = 0
+    while start < len(rows):
+        n = min(per, len(rows) - start)
+        if pow2:
+            n = 1 << (n.bit_length() - 1)
+        chunk = rows[start : start + n]
+        cur.execute(_values_sql(head, width, n, tail), [v for r in chunk for v in r])
+        start += n
 
 
-def _insert_dicts(cur: sqlite3.Cursor, table: str, rows: Sequence[dict[str, Any]]) -> None:
-    """The row dicts in order; each run of rows with the same columns in one statement."""
+def _insert_dicts(
+    cur: sqlite3.Cursor, table: str, rows: Sequence[dict[str, Any]], *, pow2: bool = False
+) -> None:
+    """The row dicts in order; each run of rows with the same columns in one statement
+    (``pow2``: see ``_insert_many``)."""
     start = 0
     while start < len(rows):
         columns = tuple(rows[start])
@@ -189,7 +210,7 @@ def _insert_dicts(cur: sqlite3.Cursor, table: str, rows: Sequence[dict[str, Any]
             end += 1
         names = ", ".join(f'"{c}"' for c in columns)
         values = [tuple(r[c] for c in columns) for r in rows[start:end]]
-        _insert_many(cur, f"INSERT INTO {table} ({names})", len(columns), values)
+        _insert_many(cur, f"INSERT INTO {table} ({names})", len(columns), values, pow2=pow2)
         start = end
 
 
@@ -260,7 +281,8 @@ def accept_many(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[tuple[
                 ' ON CONFLICT ("key") DO UPDATE SET value = excluded.value',
             )
         if accepted:
-            _insert_dicts(cur, "message", [r.message for r in accepted])
+            # The bodies: statement sizes that keep few of them bound (_insert_many).
+            _insert_dicts(cur, "message", [r.message for r in accepted], pow2=True)
             _insert_dicts(cur, "recipient", [x for r in accepted for x in r.recipients])
             _insert_dicts(cur, "event", [x for r in accepted for x in r.events])
         if expires:

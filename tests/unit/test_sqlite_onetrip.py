@@ -198,3 +198,36 @@ def test_accept_many_decides_and_writes_exactly_what_accept_job_does_one_by_one(
     assert reasons == {"rate", "count"}
     for engine in engines:
         engine.dispose()
+
+
+def test_accept_many_inserts_bodies_in_statements_of_power_of_two_rows() -> None:
+    # SQLite keeps a cached statement's last bound values, bodies included: one statement
+    # per batch size kept up to 128 batches' bodies (issue 9). Only 1, 2, 4 ... here.
+    rng = random.Random(3)
+    engine, raw = _tables()
+    rows_per_insert: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO message "):
+            rows_per_insert.append(sql.count("), (") + 1)
+
+    raw.set_trace_callback(trace)
+    now, n = 1_800_000_000.0, 0
+    for size in range(1, 40):
+        batch = []
+        for _ in range(size):
+            # No limits: every accept is taken, so the batch inserts ``size`` bodies.
+            rows = _random_accept(rng, n, now)
+            batch.append(AcceptRows(rows.message, rows.recipients, rows.events, None, []))
+            n += 1
+        before = len(rows_per_insert)
+        raw.execute("BEGIN")
+        assert all(ok for ok, _ in accept_many(raw, batch))
+        raw.execute("COMMIT")
+        sizes = rows_per_insert[before:]
+        assert sum(sizes) == size
+        assert all(s & (s - 1) == 0 for s in sizes), sizes
+        assert len(sizes) == bin(size).count("1")
+    assert len(set(rows_per_insert)) == 6  # 1, 2, 4, 8, 16, 32
+    assert raw.execute("SELECT count(*) FROM message").fetchone()[0] == n
+    engine.dispose()
