@@ -181,7 +181,8 @@ def _run_many(
 
 
 class _OneByOne(Exception):
-    """A caller gave up while its job ran with others: run them one by one instead."""
+    """The many call's outcomes cannot stand (a caller gave up while its job ran with
+    others, or the call answered for a different number of jobs): run them one by one."""
 
 
 @dataclass(eq=False)

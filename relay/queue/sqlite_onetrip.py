@@ -152,7 +152,7 @@ def accept_job(raw: sqlite3.Connection, rows: AcceptRows) -> None:
 _MAX_PARAMS = 30_000
 _MAX_ROWS = 500
 _MAX_LOOKUPS = 500
-_TAT_OF = '(SELECT value FROM limit_state WHERE "key" = ?)'
+_TAT_OF = f"({_GCRA_SELECT})"
 _SUM_SINCE = '(SELECT coalesce(sum(value), 0) FROM counter WHERE "key" = ? AND window_start >= ?)'
 
 
@@ -243,8 +243,10 @@ def accept_many(raw: sqlite3.Connection, batch: list[AcceptRows]) -> list[tuple[
     counter's sum; each accept is then taken or refused in Python exactly as the
     statements of ``accept_job`` decide (``gcra_next``; sum + amount <= limit, counting
     what the accepts before it in the batch added); one multi-row statement per table
-    writes what the accepted ones add. Six statements for the batch instead of seven per
-    accept: each statement on this thread waits for the GIL (issue 9)."""
+    writes what the accepted ones add (the message rows, which carry the bodies, in
+    statements of power-of-two rows: see ``_insert_many``). A few statements for the
+    batch instead of seven per accept: each statement on this thread waits for the GIL
+    (issue 9)."""
     cur = raw.cursor()
     try:
         tat_keys = list(dict.fromkeys(r.bucket.key for r in batch if r.bucket is not None))

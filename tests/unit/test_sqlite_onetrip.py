@@ -18,23 +18,22 @@ from relay.queue.sqlite_onetrip import (
     accept_job,
     accept_many,
 )
-from relay.queue.tables import counter, limit_state, metadata
+from relay.queue.tables import metadata
 
 _SUM = 'SELECT coalesce(sum(value), 0) FROM counter WHERE "key" = ? AND window_start >= ?'
 
 
-def _db() -> tuple[sa.Engine, sqlite3.Connection]:
+def _tables() -> tuple[sa.Engine, sqlite3.Connection]:
     engine = sa.create_engine("sqlite://")
-    with engine.begin() as conn:
-        limit_state.create(conn)
-        counter.create(conn)
+    metadata.create_all(engine)
     raw = engine.raw_connection().driver_connection
     assert isinstance(raw, sqlite3.Connection)
+    raw.isolation_level = None
     return engine, raw
 
 
 def test_the_gcra_take_allows_and_stores_exactly_what_gcra_next_computes() -> None:
-    engine, raw = _db()
+    engine, raw = _tables()
     rng = random.Random(11)
     model: dict[str, float] = {}
     now = 1_800_000_000.0
@@ -56,7 +55,7 @@ def test_the_gcra_take_allows_and_stores_exactly_what_gcra_next_computes() -> No
 
 
 def test_a_limited_counter_is_added_only_while_the_sum_stays_within_the_limit() -> None:
-    engine, raw = _db()
+    engine, raw = _tables()
     rng = random.Random(5)
     hour = 3600.0
     for _ in range(2000):
@@ -80,15 +79,6 @@ def test_a_limited_counter_is_added_only_while_the_sum_stays_within_the_limit() 
         else:
             assert changed == 0 and after == before
     engine.dispose()
-
-
-def _tables() -> tuple[sa.Engine, sqlite3.Connection]:
-    engine = sa.create_engine("sqlite://")
-    metadata.create_all(engine)
-    raw = engine.raw_connection().driver_connection
-    assert isinstance(raw, sqlite3.Connection)
-    raw.isolation_level = None
-    return engine, raw
 
 
 def _random_accept(rng: random.Random, n: int, now: float) -> AcceptRows:
