@@ -143,6 +143,9 @@ class Claim:
     rcpt_domain: str
     attempts: int
     created_at: float
+    # The message's size in bytes (message.size): delivery prepares a session's
+    # messages a bounded number of bytes ahead of what it sends (worker.py).
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from relay import metrics
@@ -38,6 +39,45 @@ class Envelope:
     recipients: list[tuple[int, str]]  # (recipient_id, address)
     data: bytes
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+
+
+class _Pending:
+    """The envelopes still to send: a list, or a source that prepares them as the session
+    takes them (worker.py prepares a session's messages a few hundred KB ahead)."""
+
+    def __init__(self, envelopes: Sequence[Envelope] | AsyncIterator[Envelope]) -> None:
+        self._source: AsyncIterator[Envelope] | None = None
+        if isinstance(envelopes, Sequence):
+            self._items = deque(envelopes)
+        else:
+            self._items = deque()
+            self._source = envelopes
+
+    async def first(self) -> Envelope | None:
+        """The next envelope to send (it stays pending until ``pop``); None at the end."""
+        if not self._items and self._source is not None:
+            try:
+                self._items.append(await anext(self._source))
+            except StopAsyncIteration:
+                self._source = None
+            except (SessionBroken, OSError) as exc:
+                # The source's failure, not the session's: deliver() must not take it
+                # for a broken connection and defer an envelope that was never sent.
+                raise RuntimeError("preparing the next message failed") from exc
+        return self._items[0] if self._items else None
+
+    def pop(self) -> Envelope:
+        return self._items.popleft()
+
+    async def rest(self) -> list[Envelope]:
+        """Every envelope not yet sent, the source's included; none is left pending."""
+        if self._source is not None:
+            async for env in self._source:
+                self._items.append(env)
+            self._source = None
+        rest = list(self._items)
+        self._items.clear()
+        return rest
 
 
 def classify(code: int, text: str, mx: str | None, tls: bool) -> Outcome:
@@ -202,27 +242,31 @@ class DestinationSession:
     async def deliver(
         self,
         targets: Sequence[Target],
-        envelopes: Sequence[Envelope],
+        envelopes: Sequence[Envelope] | AsyncIterator[Envelope],
         on_done: Callable[[Envelope], None] | None = None,
     ) -> None:
         """Deliver each envelope over one session; fill in every recipient's outcome.
+
+        ``envelopes`` may be an async iterator: each is then taken only when the session
+        is ready to send it, so the caller need not hold a whole session's prepared
+        bodies at once.
 
         ``on_done`` is called as soon as an envelope's outcomes are final, so the caller
         can record them while the next message is sent: the shorter the time between
         the MX's 250 and our COMMIT, the fewer duplicates a crash can cause.
         """
-        pending = list(envelopes)
+        pending = _Pending(envelopes)
         done = on_done or (lambda _env: None)
         reconnects = 0
         key = _cache_key(targets)
-        while pending:
+        while await pending.first() is not None:
             parked = self._take(key)
             if parked is not None:
                 client, mx, tls = parked.client, parked.mx, parked.tls
             else:
                 opened = await self._open(targets)
                 if isinstance(opened, Outcome):
-                    for env in pending:
+                    for env in await pending.rest():
                         for rid, _ in env.recipients:
                             env.outcomes[rid] = opened
                         done(env)
@@ -230,21 +274,20 @@ class DestinationSession:
                 client, mx, tls = opened
             healthy = False
             try:
-                while pending:
-                    env = pending[0]
+                while (sending := await pending.first()) is not None:
                     started = time.monotonic()
-                    await self._transaction(client, env, mx, tls)
-                    pending.pop(0)
+                    await self._transaction(client, sending, mx, tls)
+                    pending.pop()
                     # Sent: let the body go now, not when the whole session ends (with 100
                     # KB messages, 50 sessions of 20 held ~100 MB of sent bodies: issue 9).
-                    env.data = b""
-                    done(env)
-                    for rid, addr in env.recipients:
-                        o = env.outcomes[rid]
+                    sending.data = b""
+                    done(sending)
+                    for rid, addr in sending.recipients:
+                        o = sending.outcomes[rid]
                         log.info(
                             "delivery qid=%s rcpt_domain=%s mx=%s tls=%s status=%s reply=%r"
                             " ms=%.0f",
-                            env.message_id,
+                            sending.message_id,
                             addr.rpartition("@")[2],
                             mx,
                             int(tls),
@@ -261,7 +304,7 @@ class DestinationSession:
                     continue
                 # The session died mid-way: the current envelope is unknown-state, so it
                 # is deferred (never assumed delivered); the rest get one fresh session.
-                env = pending.pop(0)
+                env = pending.pop()
                 for rid, _ in env.recipients:
                     env.outcomes.setdefault(
                         rid,
@@ -275,7 +318,7 @@ class DestinationSession:
                 done(env)
                 reconnects += 1
                 if reconnects > 1:
-                    for rest in pending:
+                    for rest in await pending.rest():
                         for rid, _ in rest.recipients:
                             rest.outcomes[rid] = Outcome(
                                 RecipientStatus.DEFERRED,

@@ -230,6 +230,7 @@ _CLAIM_DUE = (
         message.c.account_id,
         message.c.mail_from,
         message.c.created_at,
+        message.c.size,
     )
     .select_from(recipient.join(message, message.c.id == recipient.c.message_id))
     # Status and limit are written into the SQL (literal_execute): PostgreSQL then plans
@@ -357,7 +358,8 @@ _INSERT_EVENT_SQL = sqlite_onetrip.insert_sql("event", _EVENT_COLUMNS)
 _CLAIM_DUE_SQL = (
     "SELECT recipient.id, recipient.message_id, recipient.address, recipient.rcpt_domain,"
     " recipient.attempts, recipient.due_at, message.account_id, message.mail_from,"
-    " message.created_at FROM recipient JOIN message ON message.id = recipient.message_id"
+    " message.created_at, message.size"
+    " FROM recipient JOIN message ON message.id = recipient.message_id"
     " WHERE recipient.status = ? AND recipient.due_at <= ? ORDER BY recipient.due_at LIMIT ?"
 )
 _LEASE_SQL = (
@@ -399,6 +401,7 @@ def _claim_on_thread(raw: sqlite3.Connection, step: _ClaimStep) -> list[Claim]:
             rcpt_domain=r[3],
             attempts=r[4],
             created_at=r[8],
+            size=r[9],
         )
         for r in rows
     ]
@@ -1042,6 +1045,7 @@ class Store:
                 rcpt_domain=r.rcpt_domain,
                 attempts=r.attempts,
                 created_at=r.created_at,
+                size=r.size,
             )
             for r in rows
         ]

@@ -89,6 +89,28 @@ async def test_mail_accepted_within_claim_delay_goes_out_in_one_session(
     assert len({m.peer for m in got}) == 1, [m.peer for m in got]
 
 
+async def test_messages_larger_than_the_prepare_ahead_go_out_whole_and_signed_in_one_session(
+    make_relay: MakeRelay, sink: SMTPSink, dns_server: DNSServer
+) -> None:
+    # Each ~660 KB message is a prepare-ahead chunk of its own (worker.PREPARE_AHEAD_BYTES
+    # is 512 KB): the session takes them one by one as the next is signed, and every one
+    # arrives whole, once, with a valid signature.
+    relay = make_relay({"delivery": {"claim_delay": 2.0, "connection_cache_time": 0}})
+    relay.setup()
+    relay.start()
+    line = "0123456789abcdef" * 4 + "\n"
+    for i in range(4):
+        rcpt = f"big{i}@example.org"
+        msg = make_message("a@example.com", [rcpt], subject=f"big {i}", body=line * 10000)
+        await submit(relay.submission_port, sender="a@example.com", recipients=[rcpt], data=msg)
+    got = sink.wait_for(4)
+    assert sorted(r for m in got for r in m.rcpt_tos) == [f"big{i}@example.org" for i in range(4)]
+    assert len({m.peer for m in got}) == 1, [m.peer for m in got]
+    for m in got:
+        assert len(m.data) > 600_000 and m.text.count("0123456789abcdef") == 10000 * 4
+        assert dkim_verifies(m.data, dns_server)
+
+
 async def test_status_reports_delivered_with_mx_and_tls(
     relay: RelayProcess, sink: SMTPSink
 ) -> None:

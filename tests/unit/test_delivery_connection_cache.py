@@ -157,3 +157,45 @@ async def test_close_idle_quits_every_parked_session(
     client.close_idle()
     await wait_until(lambda: server.quits == 2)
     assert server.quits == 2 and client.idle_sessions == 0
+
+
+async def test_envelopes_from_a_source_are_taken_only_as_the_session_sends_them(
+    mx: tuple[CountingMX, list[Target]], client: DestinationSession
+) -> None:
+    server, targets = mx
+    sent_before: list[int] = []
+    envs = [envelope(i) for i in range(4)]
+
+    async def source() -> AsyncIterator[Envelope]:
+        for env in envs:
+            # Asked for the next one only once the one before it was accepted.
+            sent_before.append(server.messages)
+            yield env
+
+    await client.deliver(targets, source())
+    assert sent_before == [0, 1, 2, 3]
+    assert statuses(envs) == [RecipientStatus.DELIVERED] * 4
+    assert server.connections == 1
+
+
+async def test_a_source_whose_mx_cannot_be_reached_has_every_envelope_deferred(
+    client: DestinationSession,
+) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()  # nothing listens there now: connection refused
+    envs = [envelope(i) for i in range(3)]
+
+    async def source() -> AsyncIterator[Envelope]:
+        for env in envs:
+            yield env
+
+    done: list[str] = []
+    await client.deliver(
+        [Target("mx.test", ("127.0.0.1",), port)],
+        source(),
+        on_done=lambda e: done.append(e.message_id),
+    )
+    assert statuses(envs) == [RecipientStatus.DEFERRED] * 3
+    assert done == ["m0", "m1", "m2"]
