@@ -18,22 +18,13 @@ import os
 import signal
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from relay import reload as _reload
 from relay import systemd
 from relay.config import Config
-from relay.delivery.mx import MXResolver
-from relay.delivery.render import Renderer as ReputationRenderer
-from relay.delivery.scheduler import HeldScheduler
-from relay.delivery.worker import DeliveryWorker
-from relay.domains.recheck import Rechecker
 from relay.events.emit import RefusalRecorder
-from relay.events.tracking import OpenTracker
-from relay.events.tracking import base_url as tracking_base_url
-from relay.events.webhooks import WebhookDispatcher
 from relay.health import database_file_ok
-from relay.http.metrics import MetricsServer
-from relay.http.server import HTTPContext, HTTPServer
 from relay.intake import Intake
 from relay.policy.build import build_checks
 from relay.policy.engine import Policy
@@ -46,6 +37,15 @@ from relay.smtp.handler import SMTPHandler
 from relay.smtp.listener import Listener, server_tls_context, start_listeners
 from relay.smtp.protocol import ConnectionLimiter
 from relay.smtp.trusted import TrustedNetworks
+
+if TYPE_CHECKING:
+    # The main process's parts, imported where it builds them (_start_main): a listener
+    # process never loads delivery, DKIM, DNS, SPF or aiohttp, ~20 MB of modules each
+    # (issue 9: peak memory of all processes).
+    from relay.delivery.mx import MXResolver
+    from relay.delivery.worker import DeliveryWorker
+    from relay.http.metrics import MetricsServer
+    from relay.http.server import HTTPServer
 
 log = logging.getLogger("relay")
 
@@ -74,9 +74,17 @@ class RelayApp:
         self.metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()
-        self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
         self.reputation = Reputation(cfg, self.store)
-        self.http.ctx.extras["reputation"] = self.reputation
+        # Delivery's MX resolver and the HTTP server: the main process only.
+        self.resolver: MXResolver | None = None
+        self.http: HTTPServer | None = None
+        if not listener_only:
+            from relay.delivery.mx import MXResolver
+            from relay.http.server import HTTPContext, HTTPServer
+
+            self.resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
+            self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
+            self.http.ctx.extras["reputation"] = self.reputation
 
     async def _rate_take(self, account_id: int, recipients: int) -> RateTake | None:
         # The live check (config reloads replace it) decides the rate.
@@ -102,7 +110,10 @@ class RelayApp:
 
     async def start(self) -> None:
         cfg = self.cfg
-        await self.store.check_schema()
+        if self.parent is None:
+            # A listener process's main process checked the schema before starting it
+            # (the check loads alembic: ~6 MB in each listener process, issue 9).
+            await self.store.check_schema()
         assert cfg.tls.cert and cfg.tls.key, "serve() fills in tls before start()"
         self.tls = server_tls_context(cfg.tls.cert, cfg.tls.key)
         self.policy = policy = Policy(build_checks(cfg, self.store))
@@ -110,7 +121,6 @@ class RelayApp:
         intake.planner = limits = Limits(cfg.limits, self.store)
         intake.rate = self._rate_take
         self.auth = auth = Authenticator(self.store, cfg.smtp)
-        self.resolver = resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
         self.refusals = RefusalRecorder(self.store)
         if self.listener_only:
             await self._start_listeners(policy, intake, auth, limits)
@@ -118,12 +128,30 @@ class RelayApp:
                 self.parent.ready()
             log.info("relay listener process started node=%s pid=%d", cfg.node_id, os.getpid())
             return
+        await self._start_main(policy, intake, auth, limits)
+
+    async def _start_main(
+        self, policy: Policy, intake: Intake, auth: Authenticator, limits: Limits
+    ) -> None:
+        """Delivery, webhooks, the schedulers, HTTP and metrics, then the listeners (in
+        this process or in listener processes)."""
+        from relay.delivery.render import Renderer as ReputationRenderer
+        from relay.delivery.scheduler import HeldScheduler
+        from relay.delivery.worker import DeliveryWorker
+        from relay.domains.recheck import Rechecker
+        from relay.events.tracking import OpenTracker
+        from relay.events.tracking import base_url as tracking_base_url
+        from relay.events.webhooks import WebhookDispatcher
+        from relay.http.metrics import MetricsServer
+
+        cfg = self.cfg
+        assert self.resolver is not None and self.http is not None, "built in __init__"
         # The main process checkpoints the database for every process (checkpoint.py).
         self.store.start_checkpoints()
         self.worker = DeliveryWorker(
             self.store,
             cfg.delivery,
-            resolver,
+            self.resolver,
             self.owner,
             reputation=ReputationRenderer(
                 cfg,
@@ -257,7 +285,8 @@ class RelayApp:
             self._webhooks_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._webhooks_task
-        await self.http.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.store.close()

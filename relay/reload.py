@@ -130,7 +130,6 @@ async def _reload(app: RelayApp) -> bool:
 
 def apply(app: RelayApp, new: Config) -> None:
     """Swap the live parts over to ``new`` (restart-only keys keep their old value)."""
-    from relay.delivery.mx import make_resolver
     from relay.policy.build import build_checks
 
     old = app.cfg
@@ -155,10 +154,13 @@ def apply(app: RelayApp, new: Config) -> None:
     app.policy.checks = list(build_checks(keep, app.store))
     app.auth.cfg = keep.smtp
     app.limiter.per_ip = keep.smtp.max_connections_per_ip
-    app.resolver.routes = dict(keep.delivery.routes)
-    app.resolver.port = keep.delivery.port
-    if keep.dns != old.dns:
-        app.resolver.resolver = make_resolver(keep.dns)
+    if app.resolver is not None:  # the main process's: delivery's MX lookups
+        from relay.delivery.mx import make_resolver
+
+        app.resolver.routes = dict(keep.delivery.routes)
+        app.resolver.port = keep.delivery.port
+        if keep.dns != old.dns:
+            app.resolver.resolver = make_resolver(keep.dns)
     if app.worker is not None:
         app.worker.cfg = keep.delivery
         session = app.worker.session
@@ -170,7 +172,8 @@ def apply(app: RelayApp, new: Config) -> None:
     if webhooks is not None:
         webhooks.cfg = keep.webhooks
     app.cfg = keep
-    app.http.ctx.cfg = keep
+    if app.http is not None:
+        app.http.ctx.cfg = keep
     for hook in list(_hooks):
         try:
             hook(app, keep)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.cli import with_store
 from relay.config import Config
-from relay.domains import service
-from relay.domains.records import host_record
-from relay.domains.verify import CheckStatus, DomainCheck, RecordCheck, Verifier
 from relay.errors import RelayError
 from relay.model import DomainStatus
 from relay.queue.store import Store
+
+if TYPE_CHECKING:
+    from relay.domains.verify import DomainCheck, RecordCheck
+
+# relay.domains (keys, DNS checks, SPF) is imported by the commands that use it: every
+# `relay` process registers these commands, `relay serve`'s listener processes included,
+# and those never need cryptography, dnspython or pyspf (issue 9: their memory).
 
 
 def register(sub: Any) -> None:
@@ -60,6 +64,8 @@ def _when(ts: float | None) -> str:
 
 
 async def cmd_add(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    from relay.domains import service
+
     d = await service.add_domain(
         store,
         cfg,
@@ -85,6 +91,10 @@ async def cmd_list(store: Store, cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_records(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    from relay.domains import service
+    from relay.domains.records import host_record
+    from relay.domains.verify import CheckStatus
+
     d = await service.get(store, args.domain)
     expected = await service.expected_for(store, cfg, d)
     if args.format == "bind":
@@ -119,6 +129,8 @@ async def cmd_records(store: Store, cfg: Config, args: argparse.Namespace) -> in
 
 
 def _print_check(check: DomainCheck) -> None:
+    from relay.domains.verify import CheckStatus
+
     for r in check.records:
         print(f"  {r.status.value.upper():<9} {r.label:<32} {r.name}.  {r.reason}")
         if r.status is not CheckStatus.PASS:
@@ -126,6 +138,9 @@ def _print_check(check: DomainCheck) -> None:
 
 
 async def cmd_verify(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    from relay.domains import service
+    from relay.domains.verify import Verifier
+
     if args.all == bool(args.domain):
         raise RelayError("name one domain, or use --all")
     if args.all:
@@ -158,6 +173,8 @@ async def cmd_verify(store: Store, cfg: Config, args: argparse.Namespace) -> int
 
 
 async def cmd_rotate(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    from relay.domains import service
+
     d = await service.get(store, args.domain)
     selector = await service.rotate_key(store, cfg, d)
     print(f"domain {d.name}: new DKIM key under selector {selector}")
@@ -168,6 +185,8 @@ async def cmd_rotate(store: Store, cfg: Config, args: argparse.Namespace) -> int
 
 
 async def cmd_remove(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    from relay.domains import service
+
     d = await service.get(store, args.domain)
     deleted = await service.remove(store, d, force=args.force)
     extra = f" and {deleted} queued message(s)" if deleted else ""

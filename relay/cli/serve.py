@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from relay.certs import write_self_signed
 from relay.cli import fail, with_store
 from relay.config import Config, TLSConfig, load_config
 from relay.errors import ConfigError, NotMigrated
@@ -52,6 +51,9 @@ def ensure_tls(cfg: Config) -> Config:
     d = data_dir_of(cfg)
     cert, key = d / "selfsigned-cert.pem", d / "selfsigned-key.pem"
     if not cert.exists() or not key.exists():
+        # Here, not at the top: every listener process runs this module (cryptography).
+        from relay.certs import write_self_signed
+
         write_self_signed(cert, key, cfg.hostname)
         print(
             f"relay: no tls.cert configured: generated a self-signed certificate {cert}"

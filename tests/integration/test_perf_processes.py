@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.integration.test_operations_metrics import scrape, value
 from tests.support.net import LOOPBACK, free_port
-from tests.support.relayproc import MakeRelay, make_message, queue_id, submit
+from tests.support.relayproc import MakeRelay, RelayProcess, make_message, queue_id, submit
 from tests.support.sink import SMTPSink
 
 
@@ -51,6 +51,15 @@ def wait_children(
         if time.monotonic() > deadline:
             raise AssertionError(f"expected {n} listener processes, found {kids}")
         time.sleep(0.1)
+
+
+async def reload_all(relay: RelayProcess, processes: int) -> None:
+    """SIGHUP the main process; wait until every process has applied the reload."""
+    relay.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while relay.log_text().count("reload applied") < processes:
+        assert time.monotonic() < deadline, relay.log_tail()
+        await asyncio.sleep(0.1)
 
 
 async def send(port: int, n: int, tag: str) -> list[str]:
@@ -114,13 +123,42 @@ async def test_listener_processes_serve_deliver_count_restart_and_stop(
     # SIGHUP reaches every process: each re-reads the config.
     for pid in replaced:
         relay.wait_for_log(rf"relay listener process started .*pid={pid}\b")
-    relay.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while relay.log_text().count("reload applied") < 3:
-        assert time.monotonic() < deadline, relay.log_tail()
-        await asyncio.sleep(0.1)
+    await reload_all(relay, processes=3)
     assert "exited" not in relay.log_text().split("reload applied", 1)[1]
 
     assert relay.stop() == 0
     # The main process waited for its children: none is left behind.
     assert not [pid for pid in replaced if alive(pid)]
+
+
+def native_packages(pid: int) -> set[str]:
+    """The site-packages packages whose compiled modules ``pid`` has mapped."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "site-packages/" in path and path.endswith(".so"):
+            found.add(path.split("site-packages/", 1)[1].split("/", 1)[0])
+    return found
+
+
+async def test_listener_processes_never_load_delivery_dkim_or_http_code(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    # aiohttp (HTTP, webhooks), cryptography (DKIM, keys, certificates) and PyNaCl are the
+    # main process's; a listener process that loaded them (through relay.app or a CLI
+    # module) carried ~26 MB more at rest (issue 9: peak memory of all processes).
+    relay = make_relay({"listen": {"processes": 1}})
+    relay.setup()
+    relay.start()
+    assert relay.pid is not None
+    (kid,) = wait_children(relay.pid, 1)
+    await send(relay.submission_port, 2, "light")
+    await sink.wait_for_async(2)
+    heavy = {"aiohttp", "cryptography", "nacl"}
+    assert {"aiohttp", "cryptography"} <= native_packages(relay.pid)
+    assert not native_packages(kid) & heavy, native_packages(kid)
+    # A reload (SIGHUP) in the listener process loads none of them either.
+    relay.wait_for_log(rf"relay listener process started .*pid={kid}\b")
+    await reload_all(relay, processes=2)
+    assert not native_packages(kid) & heavy, native_packages(kid)
+    assert relay.stop() == 0
