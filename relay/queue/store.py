@@ -42,6 +42,7 @@ from relay.queue.checkpoint import BACKSTOP_PAGES, CHECKPOINT_EVERY, Checkpointe
 from relay.queue.groupcommit import GroupCommitter, Many
 from relay.queue.hotread import HotReader, fetch_all
 from relay.queue.tables import (
+    SCHEMA_HEAD,
     account,
     counter,
     domain,
@@ -219,6 +220,9 @@ _COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).wher
 # each row's message by primary key (a join, not a second "id IN (...)" query: on
 # PostgreSQL that one's plan, made while the message table was small, scanned all of it
 # at 100,000 messages: 280 ms a claim, bench/queue_depth.py).
+# Alembic's own table: the revision(s) `relay migrate` brought the database to.
+_ALEMBIC_VERSION = sa.text("SELECT version_num FROM alembic_version")
+
 _CLAIM_DUE = (
     sa.select(
         recipient.c.id,
@@ -655,7 +659,19 @@ class Store:
         return ", ".join(await migrate.upgrade(self))
 
     async def check_schema(self) -> None:
-        """Raise NotMigrated unless the database is at this code's Alembic head."""
+        """Raise NotMigrated unless the database is at this code's Alembic head.
+
+        The usual answer (it is) is one read of alembic_version against SCHEMA_HEAD:
+        Alembic itself (~6 MB of modules, and its script directory read) is loaded only
+        to explain a mismatch or a missing table (issue 9: every process and every CLI
+        command checks)."""
+        try:
+            async with self._read(single=True) as conn:
+                found = (await conn.execute(_ALEMBIC_VERSION)).scalars().all()
+            if tuple(sorted(found)) == SCHEMA_HEAD:
+                return
+        except (StoreUnavailable, sa.exc.DBAPIError):
+            pass  # no alembic_version table, say: migrate.check says what is wrong
         from relay.queue import migrate
 
         try:

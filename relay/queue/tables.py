@@ -10,6 +10,11 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
+# The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
+# are. Store.check_schema compares the database with it without loading Alembic; a
+# migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
+SCHEMA_HEAD: tuple[str, ...] = ("0001",)
+
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
