@@ -54,6 +54,11 @@ def _nothing(*_: object) -> None:
     return None
 
 
+def _loop_name() -> str:
+    """The running event loop's implementation (config event_loop): uvloop or asyncio."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
 class RelayApp:
     def __init__(self, cfg: Config, listener_only: bool = False) -> None:
         self.cfg = cfg
@@ -126,7 +131,12 @@ class RelayApp:
             await self._start_listeners(policy, intake, auth, limits)
             if self.parent is not None:
                 self.parent.ready()
-            log.info("relay listener process started node=%s pid=%d", cfg.node_id, os.getpid())
+            log.info(
+                "relay listener process started node=%s pid=%d loop=%s",
+                cfg.node_id,
+                os.getpid(),
+                _loop_name(),
+            )
             return
         await self._start_main(policy, intake, auth, limits)
 
@@ -184,7 +194,7 @@ class RelayApp:
             await self._start_listeners(policy, intake, auth, limits)
             where = f"{len(self.listeners)} SMTP listeners"
         systemd.ready(f"serving {where}")
-        log.info("relay started node=%s owner=%s", cfg.node_id, self.owner)
+        log.info("relay started node=%s owner=%s loop=%s", cfg.node_id, self.owner, _loop_name())
 
     async def _start_listeners(
         self, policy: Policy, intake: Intake, auth: Authenticator, limits: Limits

@@ -280,6 +280,11 @@ class LimitsConfig:
 class Config:
     node_id: str = field(default_factory=socket.gethostname)
     hostname: str = field(default_factory=socket.getfqdn)
+    # uvloop (libuv, in C) or Python's own asyncio loop, in every relay serve process.
+    # uvloop took ~15% off the listener's CPU per message at 300 msg/s (one loop turn per
+    # SMTP command there) and the accept p99 from ~29 to ~18 ms (issue 9); "asyncio" is
+    # the fallback should a platform lack it.
+    event_loop: str = "uvloop"
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -566,6 +571,8 @@ def _warmup(path: str, value: object, problems: _Problems) -> tuple[WarmupStep, 
 
 
 def _validate(cfg: Config, problems: _Problems) -> None:
+    if cfg.event_loop not in {"uvloop", "asyncio"}:
+        problems.add("event_loop", f"expected uvloop or asyncio, got {cfg.event_loop!r}")
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
         problems.add("log.level", f"expected debug, info, warning or error, got {cfg.log.level!r}")
     if cfg.log.format not in {"keyvalue", "json"}:

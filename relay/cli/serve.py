@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,13 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
             await app.store.close()
             return fail(f"{exc} (relay -c {cfg.path or 'CONFIG'} migrate)")
 
+    run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    if cfg.event_loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
     try:
-        return asyncio.run(go())
+        return run(go())
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

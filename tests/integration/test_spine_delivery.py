@@ -111,6 +111,23 @@ async def test_messages_larger_than_the_prepare_ahead_go_out_whole_and_signed_in
         assert dkim_verifies(m.data, dns_server)
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_relay_serves_starttls_and_delivers_on_either_event_loop(
+    make_relay: MakeRelay, sink: SMTPSink, loop: str
+) -> None:
+    relay = make_relay({"event_loop": loop})
+    relay.setup()
+    relay.start()
+    relay.wait_for_log(rf"relay started .*loop={loop}\b")
+    msg = make_message("a@example.com", ["loop@example.org"], subject=f"on {loop}")
+    result = await submit(
+        relay.submission_port, sender="a@example.com", recipients=["loop@example.org"], data=msg
+    )
+    assert queue_id(result)
+    (got,) = sink.wait_for(1)
+    assert got.tls and got.rcpt_tos == ("loop@example.org",)
+
+
 async def test_status_reports_delivered_with_mx_and_tls(
     relay: RelayProcess, sink: SMTPSink
 ) -> None:

@@ -71,3 +71,11 @@ def test_claim_delay_outside_0_to_10_seconds_is_refused(tmp_path: Path) -> None:
             load_config(write(tmp_path, f"delivery:\n  claim_delay: {bad}\n"))
         assert f"delivery.claim_delay: {says}" in str(exc.value)
     assert load_config(write(tmp_path, "delivery:\n  claim_delay: 0\n")).delivery.claim_delay == 0
+
+
+def test_event_loop_is_uvloop_by_default_or_asyncio_and_nothing_else(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "hostname: r.test\n")).event_loop == "uvloop"
+    assert load_config(write(tmp_path, "event_loop: asyncio\n")).event_loop == "asyncio"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "event_loop: trio\n"))
+    assert "event_loop: expected uvloop or asyncio, got 'trio'" in str(exc.value)
