@@ -80,16 +80,9 @@ class RelayApp:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()
         self.reputation = Reputation(cfg, self.store)
-        # Delivery's MX resolver and the HTTP server: the main process only.
+        # Delivery's MX resolver and the HTTP server: the main process's (_start_main).
         self.resolver: MXResolver | None = None
         self.http: HTTPServer | None = None
-        if not listener_only:
-            from relay.delivery.mx import MXResolver
-            from relay.http.server import HTTPContext, HTTPServer
-
-            self.resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
-            self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
-            self.http.ctx.extras["reputation"] = self.reputation
 
     async def _rate_take(self, account_id: int, recipients: int) -> RateTake | None:
         # The live check (config reloads replace it) decides the rate.
@@ -145,6 +138,7 @@ class RelayApp:
     ) -> None:
         """Delivery, webhooks, the schedulers, HTTP and metrics, then the listeners (in
         this process or in listener processes)."""
+        from relay.delivery.mx import MXResolver
         from relay.delivery.render import Renderer as ReputationRenderer
         from relay.delivery.scheduler import HeldScheduler
         from relay.delivery.worker import DeliveryWorker
@@ -153,9 +147,12 @@ class RelayApp:
         from relay.events.tracking import base_url as tracking_base_url
         from relay.events.webhooks import WebhookDispatcher
         from relay.http.metrics import MetricsServer
+        from relay.http.server import HTTPContext, HTTPServer
 
         cfg = self.cfg
-        assert self.resolver is not None and self.http is not None, "built in __init__"
+        self.resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
+        self.http = HTTPServer(HTTPContext(cfg, self.store, readiness=self.readiness))
+        self.http.ctx.extras["reputation"] = self.reputation
         # The main process checkpoints the database for every process (checkpoint.py).
         self.store.start_checkpoints()
         self.worker = DeliveryWorker(

@@ -429,7 +429,7 @@ def _chunks(by_message: dict[str, list[Claim]], budget: int) -> list[list[tuple[
     size = 0
     for message_id, group in by_message.items():
         weight = group[0].size
-        if not chunks or (chunks[-1] and size + weight > budget):
+        if not chunks or size + weight > budget:
             chunks.append([])
             size = 0
         chunks[-1].append((message_id, group))

@@ -216,13 +216,12 @@ _INSERT_EVENT = event.insert()
 _COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
     counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since")
 )
+# Alembic's own table: the revision(s) `relay migrate` brought the database to.
+_ALEMBIC_VERSION = sa.text("SELECT version_num FROM alembic_version")
 # Due recipients of one status, oldest first: walks ix_recipient_status_due in order, and
 # each row's message by primary key (a join, not a second "id IN (...)" query: on
 # PostgreSQL that one's plan, made while the message table was small, scanned all of it
 # at 100,000 messages: 280 ms a claim, bench/queue_depth.py).
-# Alembic's own table: the revision(s) `relay migrate` brought the database to.
-_ALEMBIC_VERSION = sa.text("SELECT version_num FROM alembic_version")
-
 _CLAIM_DUE = (
     sa.select(
         recipient.c.id,
