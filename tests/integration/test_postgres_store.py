@@ -217,3 +217,65 @@ async def test_a_warm_up_start_another_node_records_meanwhile_is_taken_not_an_er
     finally:
         await store.close()
     assert done, "the insert was never reached"
+
+
+async def test_a_claim_takes_the_oldest_due_rows_of_every_claimable_status_in_due_order(
+    stores: tuple[Store, Store], clock: Clock
+) -> None:
+    a, _ = stores
+    await _seed(a, 7)
+    # Statuses and due times (relative to now) that interleave across the three
+    # claimable statuses; the last two are not due yet.
+    plan = {
+        "m000000": ("deferred", -5.0),
+        "m000001": ("queued", -4.5),
+        "m000002": ("sending", -4.0),  # a lease that ran out: crash recovery
+        "m000003": ("queued", -3.25),
+        "m000004": ("deferred", -0.125),
+        "m000005": ("queued", 10.0),
+        "m000006": ("sending", 10.0),  # a lease still held
+    }
+    async with a.engine.begin() as conn:
+        for i, (mid, (status, offset)) in enumerate(plan.items()):
+            await conn.execute(
+                sa.text(
+                    "UPDATE recipient SET status = :s, due_at = :d, address = :addr,"
+                    " attempts = :n WHERE message_id = :m"
+                ),
+                {
+                    "s": status,
+                    "d": clock.now + offset,
+                    "addr": f"ü{i}@example.org",
+                    "n": i,
+                    "m": mid,
+                },
+            )
+        expected = {
+            r.message_id: r
+            for r in (
+                await conn.execute(
+                    sa.text(
+                        "SELECT r.id, r.message_id, r.address, r.rcpt_domain, r.attempts,"
+                        " m.account_id, m.mail_from, m.created_at, m.size"
+                        " FROM recipient r JOIN message m ON m.id = r.message_id"
+                    )
+                )
+            ).all()
+        }
+    first = await a.claim_due("w", 60, 3)
+    assert [c.message_id for c in first] == ["m000000", "m000001", "m000002"]
+    rest = await a.claim_due("w", 60, 10)
+    assert [c.message_id for c in rest] == ["m000003", "m000004"]
+    for c in first + rest:
+        row = expected[c.message_id]
+        got = (c.recipient_id, c.address, c.rcpt_domain, c.attempts, c.account_id, c.mail_from)
+        assert got == (
+            row.id,
+            row.address,
+            row.rcpt_domain,
+            row.attempts,
+            row.account_id,
+            row.mail_from,
+        )
+        assert (c.created_at, c.size) == (row.created_at, row.size)
+    assert await a.claim_due("w", 60, 10) == []
