@@ -20,8 +20,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from relay import heap, systemd
 from relay import reload as _reload
-from relay import systemd
 from relay.config import Config
 from relay.events.emit import RefusalRecorder
 from relay.health import database_file_ok
@@ -122,13 +122,15 @@ class RelayApp:
         self.refusals = RefusalRecorder(self.store)
         if self.listener_only:
             await self._start_listeners(policy, intake, auth, limits)
+            frozen = heap.settle()
             if self.parent is not None:
                 self.parent.ready()
             log.info(
-                "relay listener process started node=%s pid=%d loop=%s",
+                "relay listener process started node=%s pid=%d loop=%s heap_frozen=%d",
                 cfg.node_id,
                 os.getpid(),
                 _loop_name(),
+                frozen,
             )
             return
         await self._start_main(policy, intake, auth, limits)
@@ -190,8 +192,15 @@ class RelayApp:
         else:
             await self._start_listeners(policy, intake, auth, limits)
             where = f"{len(self.listeners)} SMTP listeners"
+        frozen = heap.settle()
         systemd.ready(f"serving {where}")
-        log.info("relay started node=%s owner=%s loop=%s", cfg.node_id, self.owner, _loop_name())
+        log.info(
+            "relay started node=%s owner=%s loop=%s heap_frozen=%d",
+            cfg.node_id,
+            self.owner,
+            _loop_name(),
+            frozen,
+        )
 
     async def _start_listeners(
         self, policy: Policy, intake: Intake, auth: Authenticator, limits: Limits
@@ -236,7 +245,9 @@ class RelayApp:
         async with self._reload_lock:
             if self.children is not None:
                 self.children.signal_all(signal.SIGHUP)
-            return await _reload.reload(self)
+            done = await _reload.reload(self)
+            heap.settle()  # what the old configuration left behind may go now
+            return done
 
     def request_stop(self) -> None:
         self._stop.set()
