@@ -71,9 +71,6 @@ class _Job:
     # False: the job's writes may wait for the next fsync (see _commit_thread_jobs).
     durable: bool = True
     many: Many | None = None
-    # The job is one SQL statement (it writes all or nothing by itself): alone in its
-    # batch it runs without BEGIN/COMMIT, as its own transaction (see _commit_thread_jobs).
-    one_statement: bool = False
 
 
 def _commit_thread_jobs(
@@ -101,15 +98,6 @@ def _commit_thread_jobs(
     try:
         # The cross-process write lock (writelock.py), taken here on the thread.
         with lock() if lock is not None else contextlib.nullcontext():
-            if len(jobs) == 1 and jobs[0].one_statement and not raw.in_transaction:
-                # One statement is its own transaction (SQLite's autocommit): BEGIN
-                # and COMMIT would be two more trips through the GIL on this thread
-                # (issue 9: half-rate p99, the usual batch below full load is one
-                # accept). It commits as it ends, so a caller that gives up while it
-                # runs may find it written: as after a crash between COMMIT and the
-                # 250, the client may send again, a duplicate and never a loss
-                # (RFC 5321 section 6.1).
-                return [_run_one(raw, jobs[0], 0, False)]
             raw.execute("BEGIN IMMEDIATE")
             try:
                 out = _run_thread_jobs(raw, jobs)
@@ -264,18 +252,15 @@ class GroupCommitter:
         urgent: bool = False,
         durable: bool = True,
         many: Many | None = None,
-        one_statement: bool = False,
     ) -> R:
         """A thread job: ``fn(raw_connection, arg)`` in the next batch; its return value
         once the batch has COMMITted, or what it raised (its writes undone then).
-        ``durable=False``: see _commit_thread_jobs. ``many``: see the module's text.
-        ``one_statement``: ``fn`` writes with one SQL statement (see _Job)."""
+        ``durable=False``: see _commit_thread_jobs. ``many``: see the module's text."""
         assert self.batch and self.on_thread and self.connect_write, "thread jobs: SQLite"
         loop = self._own(asyncio.get_running_loop())
         job = _Job(loop.create_future(), loop.create_future(), loop.create_future(), fn, arg)
         job.durable = durable
         job.many = many
-        job.one_statement = one_statement
         self._enqueue(loop, job, urgent)
         try:
             await asyncio.shield(job.committed)

@@ -6,17 +6,15 @@ transaction ran seven of them per message: the rate bucket read and write, the
 message, recipients and events, the counter upserts (issue 9: 14 statements per
 message in a listener process, about 0.3 ms of CPU each). Here one function does them
 all on the thread, the same checks in the same order, as a group-commit thread job
-(groupcommit.py runs a batch of them in one trip): one accept is one statement
-(``accept_job``, a view's INSTEAD OF trigger), several are a few multi-row statements
-(``accept_many``). PostgreSQL keeps the portable path in ``Store.accept``: there a
-statement is a network round trip anyway.
+(groupcommit.py runs a batch of them, each in its SAVEPOINT, in one trip); the rate take
+and the quota check are one statement each (see _GCRA_TAKE). PostgreSQL
+keeps the portable path in ``Store.accept``: there a statement is a network round trip
+anyway.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
@@ -30,12 +28,36 @@ from relay.queue.dialect import gcra_next
 T = TypeVar("T")
 
 _GCRA_SELECT = 'SELECT value FROM limit_state WHERE "key" = ?'
+# No RETURNING: nothing reads the new value, and each returned row is one more
+# sqlite3_step, one more GIL release and re-take on this thread (issue 9).
 # An increment of a counter window: the one ON CONFLICT clause of every counter upsert.
 _COUNTER_ADDS_UP = (
     ' ON CONFLICT ("key", window_start) DO UPDATE'
     " SET value = counter.value + excluded.value, expires_at = excluded.expires_at"
 )
 _COUNTER_INSERT = 'INSERT INTO counter ("key", window_start, value, expires_at)'
+_COUNTER_ADD = _COUNTER_INSERT + " VALUES (?, ?, ?, ?)" + _COUNTER_ADDS_UP
+
+# Each statement on the SQLite thread gives up the GIL and waits to take it back from the
+# event loop, which at full load runs Python nearly all the time: an accept batch of
+# ~5 accepts held the write lock for 6.4 ms (p50), mostly waiting for the GIL (issue 9).
+# A one-row SELECT costs two such waits (the row, then the end). So the GCRA take and the
+# quota check are each one statement that changes no row when it refuses.
+#
+# GCRA (dialect.gcra_next): the new TAT is max(tat, now) + amount * interval, taken when
+# max(tat, now) - now <= tolerance; a new key starts from now (the same test with tat 0).
+_GCRA_TAKE = (
+    'INSERT INTO limit_state ("key", value) SELECT :key, :now + :inc WHERE 0 <= :tol'
+    ' ON CONFLICT ("key") DO UPDATE SET value = max(limit_state.value, :now) + :inc'
+    " WHERE max(limit_state.value, :now) - :now <= :tol"
+)
+# A limited counter: added only when the sum since ``since`` plus the amount stays within
+# the limit (the window added to is never before ``since``: Limits builds them so).
+_COUNTER_ADD_WITHIN = (
+    _COUNTER_INSERT + " SELECT :key, :window, :amount, :expires"
+    " WHERE (SELECT coalesce(sum(value), 0) FROM counter"
+    ' WHERE "key" = :key AND window_start >= :since) + :amount <= :limit' + _COUNTER_ADDS_UP
+)
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,126 +112,39 @@ class Refusal(Exception):
         self.refused = refused
 
 
-# The accept as ONE statement (issue 9: half-rate p99). Each statement on this thread
-# lets go of the GIL and must take it back from the event loop, which may hold it for up
-# to the 5 ms switch interval: a lone accept made nine such waits (BEGIN, the rate take,
-# message, recipient, event, two counters, COMMIT, and a reset or two). Here an INSERT
-# into a TEMP view runs an INSTEAD OF trigger that makes the same checks in the same
-# order and writes the same rows; a refusal is a RAISE(ABORT), which undoes that
-# statement's writes alone (statement atomicity), so the job needs no SAVEPOINT of its
-# own. Recipients, events and counts travel as JSON arrays (json_each): a JSON number
-# comes back as the same double, checked in the tests.
-_REFUSED = "relay: accept refused by a limit"
-
-
-@dataclass(frozen=True, slots=True)
-class _AcceptStatement:
-    view: str
-    insert: str
-    ddl: tuple[str, ...]
-
-
-@functools.lru_cache(maxsize=8)
-def _accept_statement(
-    message: tuple[str, ...], recipient: tuple[str, ...], event: tuple[str, ...]
-) -> _AcceptStatement:
-    """The view, its trigger and the INSERT for rows with these columns (one set per
-    process in practice; the view's name tells the sets apart)."""
-    digest = hashlib.sha1(repr((message, recipient, event)).encode()).hexdigest()[:12]
-    view = f"relay_accept_{digest}"
-    params = [f"m{i}" for i in range(len(message))]
-    params += ["rcpts", "events", "counts", "bkey", "bnow", "binc", "btol"]
-
-    def names(columns: tuple[str, ...]) -> str:
-        return ", ".join(f'"{c}"' for c in columns)
-
-    def each(i: int, source: str = "value") -> str:
-        return f"json_extract({source}, '$[{i}]')"
-
-    # counts: [key, window, amount, expires_at, limit, since], in lock order.
-    ck, cl, cs = each(0, "c.value"), each(4, "c.value"), each(5, "c.value")
-    dk, dw, da = (each(i, "d.value") for i in range(3))
-    trigger = f"""CREATE TEMP TRIGGER {view}_do INSTEAD OF INSERT ON {view} BEGIN
-  SELECT RAISE(ABORT, '{_REFUSED}') WHERE NEW.bkey IS NOT NULL AND coalesce(
-    (SELECT max(value, NEW.bnow) FROM limit_state WHERE "key" = NEW.bkey), NEW.bnow)
-    - NEW.bnow > NEW.btol;
-  SELECT RAISE(ABORT, '{_REFUSED}') FROM json_each(NEW.counts) AS c
-   WHERE {cl} IS NOT NULL
-     AND (SELECT coalesce(sum(counter.value), 0) FROM counter
-           WHERE counter."key" = {ck} AND counter.window_start >= {cs})
-       + (SELECT sum({da}) FROM json_each(NEW.counts) AS d
-           WHERE d."key" <= c."key" AND {dk} = {ck} AND {dw} >= {cs}) > {cl};
-  INSERT INTO limit_state ("key", value) SELECT NEW.bkey, NEW.bnow + NEW.binc
-   WHERE NEW.bkey IS NOT NULL
-   ON CONFLICT ("key") DO UPDATE SET value = max(limit_state.value, NEW.bnow) + NEW.binc;
-  INSERT INTO message ({names(message)})
-   VALUES ({", ".join("NEW." + p for p in params[: len(message)])});
-  INSERT INTO recipient ({names(recipient)})
-   SELECT {", ".join(each(i) for i in range(len(recipient)))} FROM json_each(NEW.rcpts) WHERE true;
-  INSERT INTO event ({names(event)})
-   SELECT {", ".join(each(i) for i in range(len(event)))} FROM json_each(NEW.events) WHERE true;
-  {_COUNTER_INSERT} SELECT {each(0)}, {each(1)}, {each(2)}, {each(3)}
-   FROM json_each(NEW.counts) WHERE true{_COUNTER_ADDS_UP};
-END"""
-    nulls = ", ".join("NULL" for _ in params)
-    return _AcceptStatement(
-        view=view,
-        insert=f"INSERT INTO temp.{view} VALUES ({', '.join('?' for _ in params)})",
-        ddl=(f"CREATE TEMP VIEW {view} ({', '.join(params)}) AS SELECT {nulls}", trigger),
-    )
-
-
 def accept_job(raw: sqlite3.Connection, rows: AcceptRows) -> None:
-    """A group-commit thread job (groupcommit.py), on the SQLite thread: the accept in
-    one statement, or Refusal (nothing of it written)."""
-    rcpt_columns, event_columns = tuple(rows.recipients[0]), tuple(rows.events[0])
-    st = _accept_statement(tuple(rows.message), rcpt_columns, event_columns)
-    b = rows.bucket
-    params = [
-        *rows.message.values(),
-        json.dumps([[r[c] for c in rcpt_columns] for r in rows.recipients]),
-        json.dumps([[e[c] for c in event_columns] for e in rows.events]),
-        json.dumps(
-            [[c.key, c.window, c.amount, c.expires_at, c.limit, c.since] for c in rows.counts]
-        ),
-        *(
-            (None, None, None, None)
-            if b is None
-            else (b.key, b.now, b.amount * b.interval, b.tolerance)
-        ),
-    ]
+    """A group-commit thread job (groupcommit.py), on the SQLite thread: the accept, or
+    Refusal (the job's SAVEPOINT then undoes what it wrote)."""
     cur = raw.cursor()
     try:
-        try:
-            cur.execute(st.insert, params)
-        except sqlite3.OperationalError as exc:
-            # A connection's TEMP objects are its own, and a rolled-back transaction
-            # takes back those it made: (re)made on first use, one statement a time.
-            if st.view not in str(exc):
-                raise
-            for ddl in st.ddl:
-                cur.execute(ddl)
-            cur.execute(st.insert, params)
-    except sqlite3.IntegrityError as exc:
-        if str(exc) != _REFUSED:
-            raise
-        refused = _refusal(cur, rows)
-        if refused is None:
-            raise
-        raise Refusal(refused) from None
+        b = rows.bucket
+        if b is not None:
+            take = {"key": b.key, "now": b.now, "inc": b.amount * b.interval, "tol": b.tolerance}
+            if cur.execute(_GCRA_TAKE, take).rowcount != 1:
+                # Refused (nothing written): read the TAT for the time to wait.
+                found = cur.execute(_GCRA_SELECT, (b.key,)).fetchone()
+                tat = None if found is None else float(found[0])
+                wait, _ = gcra_next(tat, b.now, b.interval, b.tolerance, b.amount)
+                raise Refusal(AcceptRefused(wait=wait))
+        cur.execute(insert_sql("message", tuple(rows.message)), rows.message)
+        cur.executemany(insert_sql("recipient", tuple(rows.recipients[0])), rows.recipients)
+        cur.executemany(insert_sql("event", tuple(rows.events[0])), rows.events)
+        for i, c in enumerate(rows.counts):
+            if c.limit is None:
+                cur.execute(_COUNTER_ADD, (c.key, c.window, c.amount, c.expires_at))
+                continue
+            add = {
+                "key": c.key,
+                "window": c.window,
+                "amount": c.amount,
+                "expires": c.expires_at,
+                "since": c.since,
+                "limit": c.limit,
+            }
+            if cur.execute(_COUNTER_ADD_WITHIN, add).rowcount != 1:
+                raise Refusal(AcceptRefused(count=i))
     finally:
         cur.close()
-
-
-def _refusal(cur: sqlite3.Cursor, rows: AcceptRows) -> AcceptRefused | None:
-    """Which limit refused ``rows`` (the trigger says only that one did), read the way
-    accept_many reads it."""
-    tat_keys = [] if rows.bucket is None else [rows.bucket.key]
-    sum_keys = list(dict.fromkeys((c.key, c.since) for c in rows.counts if c.limit is not None))
-    if not tat_keys and not sum_keys:
-        return None
-    tats, sums = _lookup(cur, tat_keys, sum_keys)
-    return _verdict(rows, tats, sums, {})[0]
 
 
 # Several accepts at once (accept_many): SQLite's default limits are 32,766 parameters

@@ -577,12 +577,11 @@ class Store:
         urgent: bool = False,
         durable: bool = True,
         many: Many | None = None,
-        one_statement: bool = False,
     ) -> R:
         """SQLite: ``fn(raw_connection, arg)`` as a group-commit thread job; its result once
         committed. Database errors become StoreUnavailable, as ``_write`` does."""
         with _translated():
-            return await self._committer.run(fn, arg, urgent, durable, many, one_statement)
+            return await self._committer.run(fn, arg, urgent, durable, many)
 
     @asynccontextmanager
     async def _connect_write(self) -> AsyncIterator[AsyncConnection]:
@@ -962,12 +961,7 @@ class Store:
             ],
         )
         try:
-            await self._thread_job(
-                sqlite_onetrip.accept_job,
-                rows,
-                many=sqlite_onetrip.accept_many,
-                one_statement=True,
-            )
+            await self._thread_job(sqlite_onetrip.accept_job, rows, many=sqlite_onetrip.accept_many)
         except sqlite_onetrip.Refusal as exc:
             if exc.refused.count is None:
                 _rate_limited(rate, exc.refused.wait)

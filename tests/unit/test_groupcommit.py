@@ -141,30 +141,6 @@ async def test_a_failing_thread_job_alone_is_undone_with_its_transaction(tmp_pat
     await store.close()
 
 
-def _insert_in_transaction(raw: object, x: int) -> bool:
-    """A one-statement thread job that reports whether a transaction was open around it."""
-    opened = bool(raw.in_transaction)  # type: ignore[attr-defined]
-    raw.execute("INSERT INTO t (x) VALUES (?)", (x,))  # type: ignore[attr-defined]
-    return opened
-
-
-async def test_a_one_statement_job_alone_commits_as_its_own_transaction(tmp_path: Path) -> None:
-    store, _ = await _store(tmp_path)
-    run = store._committer.run
-    # Alone: no BEGIN ... COMMIT around it; the statement commits itself.
-    assert await run(_insert_in_transaction, 1, one_statement=True) is False
-    # Beside another job: inside the batch's transaction, as every job is.
-    both = await asyncio.gather(
-        run(_insert_in_transaction, 2, one_statement=True),
-        run(_insert_in_transaction, 3, one_statement=True),
-    )
-    assert both == [True, True]
-    # Without the mark, a job alone still gets its BEGIN ... COMMIT.
-    assert await run(_insert_in_transaction, 4) is True
-    assert await _count(store) == [1, 2, 3, 4]
-    await store.close()
-
-
 async def test_a_cancelled_thread_job_writes_nothing(tmp_path: Path) -> None:
     store, _ = await _store(tmp_path)
 
