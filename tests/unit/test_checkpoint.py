@@ -58,7 +58,14 @@ async def test_relay_serve_copies_the_log_on_its_thread_and_keeps_it_bounded(
     assert _log_size(tmp_path) > 12 * MB
     grown = _log_size(tmp_path)
     store.start_checkpoints(every=0.02)
-    await asyncio.sleep(0.3)
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    # With no writer about, the first PASSIVE checkpoint copies the whole log; on a busy
+    # machine its 12 MB and fsync take longer than any fixed sleep, so wait for it.
+    for _ in range(1000):
+        if checkpointer.checkpoints > 0:
+            break
+        await asyncio.sleep(0.02)
     # The thread copied the log, so the next writer started it from the top: 6 MB more
     # did not make the file grow (12 + 6 MB would pass the backstop's 16 MB otherwise).
     await _write_mb(store, 12, 6)
@@ -66,8 +73,7 @@ async def test_relay_serve_copies_the_log_on_its_thread_and_keeps_it_bounded(
     # Under steady writing the log stays near the backstop mark, 60 MB later.
     await _write_mb(store, 18, 60)
     assert _log_size(tmp_path) < BACKSTOP_PAGES * 4096 + 8 * MB
-    checkpointer = store._checkpointer
-    assert checkpointer is not None and checkpointer.checkpoints > 0
+    assert checkpointer.checkpoints > 0
     await store.close()
     assert store._checkpointer is None
     again = Store.open(DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/c.db"))

@@ -33,7 +33,9 @@ def test_settle_collects_garbage_cycles_before_it_freezes() -> None:
 def test_settled_objects_are_left_out_of_every_collection_until_the_next_settle() -> None:
     kept = _Node()
     frozen = heap.settle()
-    assert frozen > 0 and gc.get_freeze_count() == frozen
+    # Frozen objects can still die by reference count (the count then drops), never by
+    # the collector's walk; nothing joins the permanent generation until the next settle.
+    assert 0 < gc.get_freeze_count() <= frozen
     assert not any(o is kept for o in gc.get_objects())
     # A reload settles again: what was frozen is walked (and may be freed) once more.
     dropped = weakref.ref(kept)
