@@ -75,6 +75,7 @@ class RelayApp:
         self.worker: DeliveryWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
@@ -150,6 +151,7 @@ class RelayApp:
         from relay.events.webhooks import WebhookDispatcher
         from relay.http.metrics import MetricsServer
         from relay.http.server import HTTPContext, HTTPServer
+        from relay.retention import BodySweeper
 
         cfg = self.cfg
         self.resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
@@ -180,6 +182,8 @@ class RelayApp:
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
         self.rechecker = Rechecker(self.store, cfg)
         self._recheck_task = asyncio.create_task(self.rechecker.run())
+        self.sweeper = BodySweeper(self.store, lambda: self.cfg.retention)
+        self._sweep_task = asyncio.create_task(self.sweeper.run())
         await self.http.start()
         if cfg.metrics.listen is not None:
             self.metrics_server = MetricsServer(cfg.metrics.listen, self.store)
@@ -292,6 +296,11 @@ class RelayApp:
             self._recheck_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recheck_task
+        if self._sweep_task is not None:
+            self.sweeper.stop()
+            self._sweep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweep_task
         if self._worker_task is not None:
             self._worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

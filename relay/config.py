@@ -132,6 +132,18 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    # Postfix deletes a queue file once its last recipient is done; Postal keeps raw
+    # messages for a while so that an operator can still look at what went out. A body
+    # is dropped this long after acceptance, once every recipient is final (the message,
+    # recipient and event rows stay: status, events and statistics read them). A week is
+    # past the 72 h max_age, so a message is normally final long before.
+    purge_bodies: bool = True
+    bodies: float = 7 * 86400.0
+    sweep_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     grace_seconds: float = 30.0
 
@@ -293,6 +305,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -602,6 +615,12 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.connection_cache_time", "must be >= 0")
     if cfg.delivery.connection_reuse_time <= 0:
         problems.add("delivery.connection_reuse_time", "must be > 0")
+    if cfg.retention.bodies < 3600:
+        # A sweep's cut must lie well behind every accept still committing (and behind
+        # other nodes' clocks), or a message could fall behind its mark unswept.
+        problems.add("retention.bodies", "expected at least 3600 seconds (1 hour)")
+    if cfg.retention.sweep_interval < 1:
+        problems.add("retention.sweep_interval", "must be >= 1 second")
     if cfg.webhooks.concurrency < 1:
         problems.add("webhooks.concurrency", "must be >= 1")
     if cfg.webhooks.timeout <= 0:

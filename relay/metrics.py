@@ -219,6 +219,12 @@ QUOTA_REFUSALS = Counter(
     ["quota"],
     registry=REGISTRY,
 )
+BODIES_PURGED = Counter(
+    "relay_retention_bodies_purged_total",
+    "Message bodies emptied by the retention sweep (every recipient final, older than "
+    "retention.bodies)",
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "relay_config_reloads_total",
     "SIGHUP config reloads by outcome (applied, rejected)",

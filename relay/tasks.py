@@ -3,7 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from relay.errors import RelayError
+
+log = logging.getLogger("relay")
+
+
+async def every(
+    stop: asyncio.Event,
+    interval: Callable[[], float],
+    step: Callable[[], Awaitable[object]],
+    what: str,
+) -> None:
+    """Run ``step`` now and then every ``interval()`` seconds until ``stop`` is set.
+
+    A failing step never ends the loop: the next round is its retry. A RelayError (the
+    database unavailable, most often) is a warning; anything else is logged with its
+    traceback, as a bug."""
+    while not stop.is_set():
+        try:
+            await step()
+        except RelayError as exc:
+            log.warning("%s failed: %s", what, exc)
+        except Exception:
+            log.exception("%s failed unexpectedly", what)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval())
 
 
 async def drain(tasks: Iterable[asyncio.Task[None]], grace: float) -> None:

@@ -60,6 +60,8 @@ def print_message(m: MessageView) -> None:
     print(f"from:       <{m.mail_from}>  header: {m.header_from}")
     print(f"subject:    {m.subject}")
     print(f"size:       {m.size} bytes   accepted: {_t(m.created_at)}   node: {m.node_id}")
+    if not m.body_kept:
+        print("body:       purged (retention.bodies: every recipient final)")
     print("recipients:")
     for r in m.recipients:
         nxt = _t(r.due_at) if not r.status.final else "-"

@@ -11,15 +11,14 @@ tick only looks at rows that may move. The clock is injected: tests drive days.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
 
-from relay.errors import StoreUnavailable
 from relay.policy import warmup
 from relay.policy.limits import HOUR, Limits, _reason
 from relay.queue import limits as q
+from relay.tasks import every
 
 log = logging.getLogger("relay.scheduler")
 
@@ -142,15 +141,7 @@ class HeldScheduler:
             self._last_prune = now
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.tick()
-            except StoreUnavailable as exc:
-                log.warning("scheduler tick failed, database unavailable: %s", exc)
-            except Exception:
-                log.exception("scheduler tick failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval)
+        await every(self._stop, lambda: self.interval, self.tick, "scheduler tick")
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,7 +7,6 @@ domain whose records are back returns to ``verified``. DNS errors never stop the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from relay.config import Config
@@ -16,6 +15,7 @@ from relay.domains.verify import Verifier
 from relay.errors import RelayError
 from relay.queue import domains as sql
 from relay.queue.store import Store
+from relay.tasks import every
 
 log = logging.getLogger("relay.domains")
 
@@ -53,15 +53,7 @@ class Rechecker:
         return len(names)
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.once()
-            except RelayError as exc:
-                log.warning("domain re-check pass failed: %s", exc)
-            except Exception:
-                log.exception("domain re-check pass failed unexpectedly")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.poll)
+        await every(self._stop, lambda: self.poll, self.once, "domain re-check pass")
 
     def stop(self) -> None:
         self._stop.set()

@@ -105,6 +105,7 @@ def message_json(
         "header_from": m.header_from,
         "subject": m.subject,
         "size": m.size,
+        "body_kept": m.body_kept,
         "accepted_at": rfc3339(m.created_at),
         "recipients": [
             {

@@ -184,6 +184,8 @@ class MessageView:
     created_at: float
     recipients: tuple[RecipientView, ...] = ()
     events: tuple[EventView, ...] = field(default=())
+    # False once the retention sweep emptied the body (queue/retention.py).
+    body_kept: bool = True
 
 
 # Hot-path statements built once (issue 9: building one and its cache key per call cost
@@ -1234,7 +1236,11 @@ class Store:
         async with self._read() as conn:
             m = (
                 await conn.execute(
-                    sa.select(message).where(
+                    # Everything but the body, which a view never shows.
+                    sa.select(
+                        *(c for c in message.c if c.name != "body"),
+                        (sa.func.length(message.c.body) > 0).label("body_kept"),
+                    ).where(
                         sa.or_(
                             message.c.id == message_id,
                             message.c.message_id_header == message_id,
@@ -1270,6 +1276,7 @@ class Store:
             created_at=m.created_at,
             recipients=tuple(_recipient_view(r) for r in rcpts),
             events=tuple(_event_view(e) for e in evs),
+            body_kept=bool(m.body_kept),
         )
 
     async def retry_now(self, message_id: str) -> int:

@@ -79,3 +79,11 @@ def test_event_loop_is_uvloop_by_default_or_asyncio_and_nothing_else(tmp_path: P
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, "event_loop: trio\n"))
     assert "event_loop: expected uvloop or asyncio, got 'trio'" in str(exc.value)
+
+
+def test_retention_below_an_hour_is_refused_and_the_default_is_a_week(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "retention:\n  bodies: 60\n"))
+    assert "retention.bodies: expected at least 3600 seconds (1 hour)" in str(exc.value)
+    cfg = load_config(write(tmp_path, "retention:\n  purge_bodies: false\n"))
+    assert (cfg.retention.purge_bodies, cfg.retention.bodies) == (False, 7 * 86400)
