@@ -24,7 +24,7 @@ from relay import heap, systemd
 from relay import reload as _reload
 from relay.config import Config
 from relay.events.emit import RefusalRecorder
-from relay.health import database_file_ok
+from relay.health import database_file_ok, free_space
 from relay.intake import Intake
 from relay.policy.build import build_checks
 from relay.policy.engine import Policy
@@ -105,6 +105,10 @@ class RelayApp:
             "listeners": listening,
             "delivery": self.worker is not None and self.worker.running,
             "database_file": database_file_ok(self.cfg.database),
+            # MAIL is refused below smtp.min_free_space (policy/checks.py QueueSpace).
+            "queue_space": self.cfg.smtp.min_free_space <= 0
+            or (free := free_space(self.cfg.database)) is None
+            or free >= self.cfg.smtp.min_free_space,
         }
 
     async def start(self) -> None:

@@ -87,6 +87,12 @@ class SMTPConfig:
     auth_fail_limit: int = 5
     auth_fail_window: float = 300.0
     max_connections_per_ip: int = 100
+    # Postfix's queue_minfree: below this much free space where the SQLite queue lives,
+    # MAIL gets 452 4.3.1 (RFC 1870 §6.2, RFC 3463 X.3.1) instead of a body the disk
+    # cannot take, and what is queued can still drain: the write-ahead log alone grows
+    # to 16 MB (queue/checkpoint.py), and each delivery writes its outcome. A declared
+    # SIZE must fit above it too. 0: no check. PostgreSQL's disk is the server's.
+    min_free_space: int = 50 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,5 +34,9 @@ class StoreUnavailable(RelayError):
     """The database could not be reached."""
 
 
+class StorageFull(StoreUnavailable):
+    """The database's disk is full."""
+
+
 class LeaseLost(RelayError):
     """Another worker took this recipient's lease."""

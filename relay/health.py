@@ -1,4 +1,5 @@
-"""Readiness facts that are not SQL: is the SQLite database file usable at all?
+"""Facts about the SQLite database that are not SQL: is its file usable, how much room
+is left beside it?
 
 An open SQLite connection keeps working after its file is made unreadable, renamed or
 deleted (the descriptor stays valid), so ``SELECT 1`` alone would report a database
@@ -20,6 +21,19 @@ def sqlite_path(db: DatabaseConfig) -> str | None:
         return None
     path = db.url[len(_PREFIX) :].split("?", 1)[0]
     return None if path in ("", ":memory:") else path
+
+
+def free_space(db: DatabaseConfig) -> int | None:
+    """Bytes an unprivileged writer may still use on the SQLite file's filesystem (None:
+    PostgreSQL, or it cannot be read). One statfs(2): microseconds on a local disk."""
+    path = sqlite_path(db)
+    if path is None:
+        return None
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def database_file_ok(db: DatabaseConfig) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay.config import Config
-from relay.policy.checks import MaxRecipients, SenderDomain
+from relay.policy.checks import MaxRecipients, QueueSpace, SenderDomain
 from relay.policy.engine import Check
 from relay.policy.limits import DailyQuota, Limits, LineLength, RateLimit, SubjectLimit
 from relay.policy.recipient import RecipientChecks
@@ -15,15 +15,16 @@ from relay.reputation.service import Reputation
 def build_checks(cfg: Config, store: Store) -> list[Check]:
     """The ordered policy checks; the first refusal wins.
 
-    Per stage: MAIL: account suspended, sender domain. RCPT: relay access, recipients
-    per message, then blocklist, suppression and per-recipient hourly count (one read,
-    relay/policy/recipient.py). DATA: From: domain, subject, line length, daily quota,
-    rate.
+    Per stage: MAIL: account suspended, free space for the queue, sender domain. RCPT:
+    relay access, recipients per message, then blocklist, suppression and per-recipient
+    hourly count (one read, relay/policy/recipient.py). DATA: From: domain, subject,
+    line length, daily quota, rate.
     """
     limits = Limits(cfg.limits, store)
     return [
         RequireAuthOrInbound(Reputation(cfg, store)),
         AccountSuspended(store),
+        QueueSpace(cfg.database, cfg.smtp.min_free_space),
         MaxRecipients(cfg.smtp.max_recipients),
         RecipientChecks(limits),
         SenderDomain(store),

@@ -6,6 +6,11 @@ Each check is a small class with a name and the stages it runs at, so later chec
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+from relay.config import DatabaseConfig
+from relay.health import free_space
 from relay.model import DomainStatus, Stage, Verdict
 from relay.policy.engine import Request
 from relay.queue.store import Store
@@ -98,6 +103,45 @@ async def _broken_records(store: Store, name: str) -> str:
     if len(summary) > 300:
         summary = summary[:297] + "..."
     return summary or "see `relay domain records " + name + "`"
+
+
+class QueueSpace:
+    """MAIL: refuse while the disk under the SQLite queue is nearly full (Postfix's
+    queue_minfree): 452 4.3.1 at MAIL, so the client keeps the message and tries later,
+    instead of sending a body the disk cannot take (RFC 1870 §6.2 with SIZE=)."""
+
+    name = "queue_space"
+    stages = frozenset({Stage.MAIL})
+
+    def __init__(self, db: DatabaseConfig, min_free: int, every: float = 1.0) -> None:
+        self.db = db
+        self.min_free = min_free
+        self.every = every
+        self._free: int | None = None
+        self._at = -every
+
+    async def free(self) -> int | None:
+        """Free bytes, read again (on a thread) at most every ``every`` seconds."""
+        now = time.monotonic()
+        if now - self._at >= self.every:
+            self._at = now  # sessions arriving meanwhile use the last reading
+            self._free = await asyncio.to_thread(free_space, self.db)
+        return self._free
+
+    async def __call__(self, request: Request) -> Verdict | None:
+        if self.min_free <= 0 or (free := await self.free()) is None:
+            return None
+        if free >= self.min_free + request.size:
+            return None
+        mb = 1024 * 1024
+        declared = f" for {request.size} bytes declared (SIZE)" if request.size else ""
+        return Verdict(
+            452,
+            "4.3.1",
+            f"Insufficient system storage{declared}: {free // mb} MB free for the queue,"
+            f" {self.min_free // mb} MB kept free (smtp.min_free_space); try again later",
+            self.name,
+        )
 
 
 class MaxRecipients:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay.config import DatabaseConfig
-from relay.errors import Conflict, NotFound, NotMigrated, StoreUnavailable
+from relay.errors import Conflict, NotFound, NotMigrated, StorageFull, StoreUnavailable
 from relay.model import (
     CLAIMABLE_STATUSES,
     Account,
@@ -293,10 +293,20 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+def _full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL or PostgreSQL's disk_full (53100), bare or wrapped."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, sqlite3.Error):
+        return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return str(getattr(orig, "sqlstate", None) or "") == "53100"
+
+
 def _unavailable(exc: Exception) -> StoreUnavailable | None:
     """The StoreUnavailable a database error means ("not now", 451), or None: re-raise."""
     if isinstance(exc, StoreUnavailable):
         return None
+    if _full(exc):
+        return StorageFull(f"database disk full: {exc.__class__.__name__}")
     if isinstance(exc, sqlite3.OperationalError):  # locked, I/O: from a thread job
         return StoreUnavailable(f"database unavailable: {exc}")
     if _transient(exc):

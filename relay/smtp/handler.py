@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from relay import metrics
-from relay.errors import StoreUnavailable
+from relay.errors import StorageFull, StoreUnavailable
 from relay.intake import Intake, ParsedMessage, parse
 from relay.model import Account, Stage, Verdict
 from relay.policy.engine import Policy, Request
@@ -25,6 +25,9 @@ log = logging.getLogger("relay.smtp")
 RefusalCallback = Callable[[Account, Stage, str | None, str | None, Verdict], None]
 
 STORE_DOWN = Verdict(451, "4.3.0", "Temporary failure storing the message, try again later")
+DISK_FULL = Verdict(
+    452, "4.3.1", "Insufficient system storage: the queue's disk is full, try again later"
+)
 # Bodies above this are normalised off the event loop: the regex pass over a few MB takes
 # milliseconds that other sessions should not wait for.
 _THREAD_PARSE_BYTES = 256 * 1024
@@ -33,6 +36,15 @@ _THREAD_PARSE_BYTES = 256 * 1024
 def _ip(session: Any) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def _declared(mail_options: list[str]) -> int:
+    """MAIL's SIZE= (RFC 1870), which the protocol has checked is digits; 0 if absent."""
+    for option in mail_options:
+        key, _, value = option.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _bad_address(address: str) -> bool:
@@ -101,7 +113,9 @@ class SMTPHandler:
         if _bad_address(address):
             return "553 5.1.3 Control characters are not allowed in addresses"
         verdict = await self.policy.check(
-            self._request(Stage.MAIL, session, envelope, mail_from=address)
+            self._request(
+                Stage.MAIL, session, envelope, mail_from=address, size=_declared(mail_options)
+            )
         )
         if not verdict.ok:
             self._log_refusal(session, address, None, verdict, Stage.MAIL)
@@ -193,7 +207,7 @@ class SMTPHandler:
             level = logging.WARNING if isinstance(exc, StoreUnavailable) else logging.ERROR
             log.log(level, "accept failed client=%s error=%r", _ip(session), exc)
             metrics.smtp_transaction(self.listener, "failed", started)  # metrics
-            return STORE_DOWN.reply
+            return (DISK_FULL if isinstance(exc, StorageFull) else STORE_DOWN).reply
         log.info(
             "smtp listener=%s client=%s account=%s from=<%s> rcpts=%d size=%d outcome=queued"
             " qid=%s ms=%.1f",
