@@ -1,4 +1,4 @@
-"""queue list | show | retry | delete, and status."""
+"""queue list | summary | show | retry | delete, and status."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from relay.cli import with_store
 from relay.config import Config
 from relay.model import RecipientStatus
+from relay.queue import operate
 from relay.queue.store import MessageView, Store
 
 
@@ -24,16 +25,36 @@ def register(sub: Any) -> None:
     qsub.required = True
     p = qsub.add_parser("list", help="recipients not yet final (or of one status)")
     p.add_argument("--status", choices=[s.value for s in RecipientStatus])
+    p.add_argument("--domain", help="only recipients at this domain")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(handler=with_store(cmd_list))
+    p = qsub.add_parser(
+        "summary", help="waiting mail by destination domain: statuses, ages, commonest reply"
+    )
+    p.add_argument("--top", type=int, default=20, help="domains shown (default 20)")
+    p.set_defaults(handler=with_store(cmd_summary))
     p = qsub.add_parser("show", help="one message: recipients and events")
     p.add_argument("id")
     p.set_defaults(handler=with_store(cmd_show))
-    p = qsub.add_parser("retry", help="make a message's waiting recipients due now")
-    p.add_argument("id")
+    p = qsub.add_parser(
+        "retry", help="make waiting recipients due now: of a message, a domain, or all"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="queue id")
+    which.add_argument("--domain", help="every waiting recipient at this domain")
+    which.add_argument("--all", action="store_true", help="every waiting recipient")
     p.set_defaults(handler=with_store(cmd_retry))
-    p = qsub.add_parser("delete", help="drop a message's recipients that are not final")
-    p.add_argument("id")
+    p = qsub.add_parser(
+        "delete", help="drop recipients not yet final: of a message, or of a domain"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="queue id")
+    which.add_argument("--domain", help="every waiting recipient at this domain")
+    p.add_argument(
+        "--status",
+        choices=[s.value for s in operate.WAITING],
+        help="with --domain: only recipients in this status",
+    )
     p.set_defaults(handler=with_store(cmd_delete))
     p = sub.add_parser("status", help="delivery status of a message (queue id or Message-ID)")
     p.add_argument("id")
@@ -42,7 +63,7 @@ def register(sub: Any) -> None:
 
 async def cmd_list(store: Store, cfg: Config, args: argparse.Namespace) -> int:
     status = RecipientStatus(args.status) if args.status else None
-    rows = await store.queue_list(status, args.limit)
+    rows = await store.queue_list(status, args.limit, args.domain)
     counts = await store.queue_counts()
     print("queue: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "empty")
     print(f"{'QUEUE ID':<22} {'STATUS':<10} {'TRIES':>5} {'NEXT/LEASE':<21} RECIPIENT  LAST REPLY")
@@ -84,13 +105,58 @@ async def cmd_show(store: Store, cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_summary(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    domains = await operate.shape(store)
+    if not domains:
+        print("queue: nothing waiting")
+        return 0
+    ages = [name for name, _ in operate.AGE_BUCKETS]
+    statuses = [s.value for s in operate.WAITING]
+    print("waiting recipients by destination domain; age since accepted")
+    print(
+        f"{'DOMAIN':<28} {'TOTAL':>6} "
+        + " ".join(f"{a:>5}" for a in ages)
+        + " "
+        + " ".join(f"{s[:8]:>8}" for s in statuses)
+        + "  COMMONEST DEFERRAL"
+    )
+    shown = domains[: max(1, args.top)]
+    for d in shown:
+        reply = f"{d.top_reply} ({d.top_reply_count})" if d.top_reply else "-"
+        print(
+            f"{d.domain[:28]:<28} {d.total:>6} "
+            + " ".join(f"{n:>5}" for n in d.by_age)
+            + " "
+            + " ".join(f"{d.by_status[s]:>8}" for s in statuses)
+            + f"  {reply}"
+        )
+    rest = domains[len(shown) :]
+    if rest:
+        print(f"... and {len(rest)} more domain(s), {sum(d.total for d in rest)} recipient(s)")
+    print(f"{'TOTAL':<28} {sum(d.total for d in domains):>6}")
+    return 0
+
+
 async def cmd_retry(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    if args.id is None:
+        n = await operate.retry_domain(store, args.domain)
+        where = f"at {args.domain}" if args.domain else "in the queue"
+        print(f"{n} waiting recipient(s) {where} due now")
+        return 0
     n = await store.retry_now(args.id)
     print(f"{n} recipient(s) of {args.id} due now")
     return 0
 
 
 async def cmd_delete(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    if args.id is None:
+        status = RecipientStatus(args.status) if args.status else None
+        n = await operate.delete_domain(store, args.domain, status)
+        print(f"{n} waiting recipient(s) at {args.domain} deleted")
+        return 0
+    if args.status:
+        print("relay queue delete: --status goes with --domain")
+        return 2
     n = await store.delete_message(args.id)
     print(f"{n} recipient(s) of {args.id} deleted")
     return 0

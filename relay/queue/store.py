@@ -1208,13 +1208,15 @@ class Store:
     # ------------------------------------------------------------------ inspection
 
     async def queue_list(
-        self, status: RecipientStatus | None = None, limit: int = 100
+        self, status: RecipientStatus | None = None, limit: int = 100, domain: str | None = None
     ) -> list[RecipientView]:
         q = sa.select(recipient).order_by(recipient.c.due_at).limit(limit)
         if status is not None:
             q = q.where(recipient.c.status == status.value)
         else:
             q = q.where(recipient.c.status.notin_([s.value for s in _FINAL]))
+        if domain is not None:
+            q = q.where(recipient.c.rcpt_domain == domain.lower().rstrip("."))
         async with self._read() as conn:
             rows = (await conn.execute(q)).all()
         return [_recipient_view(r) for r in rows]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import DatabaseConfig
 from relay.queue.store import Store
 from tests.support.net import LOOPBACK, free_port, port_accepts
 from tests.support.store import Clock, server_and_cli
@@ -47,6 +48,18 @@ async def stores(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[Store, Sto
     """The server's store (row cache on) and a second one on the same file: the CLI."""
     async with server_and_cli(tmp_path / "relay.db", clock) as pair:
         yield pair
+
+
+@pytest.fixture
+async def dialect_store(db_url: str) -> AsyncIterator[Store]:
+    """A migrated Store on ``db_url`` (each dialect), node "t", on a Clock of its own
+    (``store.clock``, which the test moves)."""
+    s = Store.open(DatabaseConfig(url=db_url), node_id="t", clock=Clock())
+    try:
+        await s.migrate()
+        yield s
+    finally:
+        await s.close()
 
 
 @pytest.fixture(

@@ -6,18 +6,10 @@ import asyncio
 import sqlite3
 
 from tests.integration.test_operations_metrics import scrape, value
-from tests.support.relayproc import MakeRelay, RelayProcess, make_message, queue_id, submit
+from tests.support.relayproc import MakeRelay, RelayProcess, send_one
 from tests.support.sink import SMTPSink
 
 DAY = 86400
-
-
-async def _send(relay: RelayProcess, rcpt: str) -> str:
-    msg = make_message("a@example.com", [rcpt], subject=f"to {rcpt}")
-    reply = await submit(relay.submission_port, sender="a@example.com", recipients=[rcpt], data=msg)
-    qid = queue_id(reply)
-    assert qid, reply
-    return qid
 
 
 async def _wait_status(relay: RelayProcess, qid: str, status: str) -> str:
@@ -46,8 +38,8 @@ async def test_the_sweep_empties_a_delivered_body_after_the_retention_period_onl
     )
     relay.setup()
     relay.start()
-    done = await _send(relay, "b@example.org")
-    waiting = await _send(relay, "later@example.org")
+    done = await send_one(relay, "b@example.org")
+    waiting = await send_one(relay, "later@example.org")
     sink.wait_for(1)
     await _wait_status(relay, done, "delivered")
     await _wait_status(relay, waiting, "deferred")

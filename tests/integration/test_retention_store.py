@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,8 @@ BODY = b"Subject: kept until done\r\n\r\n" + b"x" * 5000 + b"\r\n"
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = Store.open(DatabaseConfig(url=db_url), node_id="t", clock=Clock())
-    try:
-        await s.migrate()
-        yield s
-    finally:
-        await s.close()
+def store(dialect_store: Store) -> Store:
+    return dialect_store
 
 
 def _clock(store: Store) -> Clock:

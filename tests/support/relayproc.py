@@ -548,6 +548,15 @@ def submit_sync(port: int, **kwargs: Any) -> tuple[dict[str, aiosmtplib.SMTPResp
 _QUEUE_ID = re.compile(r"queued as <?([A-Za-z0-9._:-]+)>?")
 
 
+async def send_one(relay: RelayProcess, rcpt: str, sender: str = "a@example.com") -> str:
+    """Submit one message to ``rcpt`` (subject "to RCPT"); its queue id."""
+    msg = make_message(sender, [rcpt], subject=f"to {rcpt}")
+    reply = await submit(relay.submission_port, sender=sender, recipients=[rcpt], data=msg)
+    qid = queue_id(reply)
+    assert qid, reply
+    return qid
+
+
 def queue_id(reply: str | tuple[dict[str, aiosmtplib.SMTPResponse], str]) -> str | None:
     """The id in "250 2.0.0 Ok: queued as <id>" (accepts ``submit``'s result too)."""
     text = reply[1] if isinstance(reply, tuple) else reply

@@ -1,0 +1,174 @@
+"""SQL of the operator's whole-queue commands: the queue's shape by destination, and
+retrying or deleting what waits for one destination (``relay queue summary | retry |
+delete --domain``).
+
+Postfix's answers to "the queue is stuck" are qshape (where does mail wait, and since
+when), ``postqueue -f`` / ``postqueue -s SITE`` (try now) and ``postsuper -d`` (drop).
+These are the same three over the recipient table. Every function is one statement or
+one short transaction per chunk, and takes its time from the store's clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from relay.model import EventKind, RecipientStatus
+from relay.queue.store import Store
+from relay.queue.tables import event, message, recipient
+
+#: The statuses of mail still waiting to be delivered.
+WAITING = (
+    RecipientStatus.QUEUED,
+    RecipientStatus.HELD,
+    RecipientStatus.SENDING,
+    RecipientStatus.DEFERRED,
+)
+#: Age columns of the summary (seconds since acceptance), as qshape's but fewer.
+AGE_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("<5m", 300.0),
+    ("<1h", 3600.0),
+    ("<6h", 6 * 3600.0),
+    ("<1d", 86400.0),
+    (">=1d", float("inf")),
+)
+# A reply is grouped by its first characters: servers put a per-attempt id at the end
+# ("... (ab12cd - gsmtp)"), which would make every deferral its own group.
+REPLY_PREFIX = 60
+# Rows changed per transaction by a bulk delete: each writes an event row too.
+DELETE_CHUNK = 500
+
+
+@dataclass
+class DomainShape:
+    """The waiting recipients of one destination domain."""
+
+    domain: str
+    total: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_age: list[int] = field(default_factory=lambda: [0] * len(AGE_BUCKETS))
+    top_reply: str = ""  # the commonest last reply of its deferred recipients
+    top_reply_count: int = 0
+
+
+async def shape(store: Store) -> list[DomainShape]:
+    """Waiting recipients by destination domain, largest first. Counted in the database
+    (two GROUP BYs over the waiting rows), so a backlog of millions costs the CLI no
+    memory."""
+    now = store.clock()
+    waiting = recipient.c.status.in_([s.value for s in WAITING])
+    # Age bucket index: accepted after now - limit, for the first limit that holds.
+    bucket = sa.case(
+        *(
+            (recipient.c.created_at > now - limit, i)
+            for i, (_, limit) in enumerate(AGE_BUCKETS[:-1])
+        ),
+        else_=len(AGE_BUCKETS) - 1,
+    ).label("bucket")
+    reply = sa.func.substr(recipient.c.last_reply, 1, REPLY_PREFIX).label("reply")
+    async with store._read() as conn:
+        counts = (
+            await conn.execute(
+                sa.select(recipient.c.rcpt_domain, recipient.c.status, bucket, sa.func.count())
+                .where(waiting)
+                .group_by(recipient.c.rcpt_domain, recipient.c.status, bucket)
+            )
+        ).all()
+        replies = (
+            await conn.execute(
+                sa.select(recipient.c.rcpt_domain, reply, sa.func.count())
+                .where(
+                    recipient.c.status == RecipientStatus.DEFERRED.value,
+                    recipient.c.last_reply.is_not(None),
+                )
+                .group_by(recipient.c.rcpt_domain, reply)
+            )
+        ).all()
+    domains: dict[str, DomainShape] = {}
+    for name, status, i, n in counts:
+        d = domains.get(name)
+        if d is None:
+            d = domains[name] = DomainShape(name)
+        d.total += n
+        d.by_status[status] += n
+        d.by_age[int(i)] += n
+    for name, text, n in replies:
+        d = domains.get(name)
+        if d is not None and n > d.top_reply_count:
+            d.top_reply, d.top_reply_count = text, n
+    return sorted(domains.values(), key=lambda d: (-d.total, d.domain))
+
+
+def _domain_is(name: str) -> sa.ColumnElement[bool]:
+    return recipient.c.rcpt_domain == name.lower().rstrip(".")
+
+
+async def retry_domain(store: Store, domain: str | None) -> int:
+    """Make every queued, held or deferred recipient (of ``domain``; None: all) due now:
+    delivery's next poll takes them. Leased rows (being delivered) are left alone."""
+    now = store.clock()
+    cond: sa.ColumnElement[bool] = recipient.c.status.in_(
+        [s.value for s in (RecipientStatus.QUEUED, RecipientStatus.HELD, RecipientStatus.DEFERRED)]
+    )
+    if domain is not None:
+        cond = sa.and_(cond, _domain_is(domain))
+    async with store._write() as conn:
+        res = await conn.execute(
+            recipient.update().where(cond, recipient.c.due_at > now).values(due_at=now)
+        )
+    return int(res.rowcount)
+
+
+async def delete_domain(store: Store, domain: str, status: RecipientStatus | None = None) -> int:
+    """Drop every waiting recipient of ``domain`` (only ``status``, if given) as
+    ``deleted``, each with its event, as ``relay queue delete ID`` does for one message.
+    A recipient being delivered right now (leased) is dropped too: the attempt's outcome
+    then finds its lease gone and is not recorded (the MX may still take the message)."""
+    statuses = [status.value] if status is not None else [s.value for s in WAITING]
+    total = 0
+    while True:
+        now = store.clock()
+        async with store._write() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(recipient.c.id, recipient.c.message_id, recipient.c.address)
+                    # No ORDER BY: the status index finds the few waiting rows among
+                    # the many final ones; an order by id would walk the whole table.
+                    .where(recipient.c.status.in_(statuses), _domain_is(domain))
+                    .limit(DELETE_CHUNK)
+                )
+            ).all()
+            if not rows:
+                break
+            await conn.execute(
+                recipient.update()
+                .where(recipient.c.id.in_([r.id for r in rows]))
+                .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
+            )
+            accounts = dict(
+                (
+                    await conn.execute(
+                        sa.select(message.c.id, message.c.account_id).where(
+                            message.c.id.in_({r.message_id for r in rows})
+                        )
+                    )
+                ).all()
+            )
+            await conn.execute(
+                event.insert(),
+                [
+                    store._event_row(
+                        EventKind.DELETED,
+                        now,
+                        accounts.get(r.message_id),
+                        r.message_id,
+                        r.address,
+                        {"by": "operator", "domain": domain},
+                    )
+                    for r in rows
+                ],
+            )
+        total += len(rows)
+    return total
