@@ -37,8 +37,10 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 # A reply is grouped by its first characters: servers put a per-attempt id at the end
 # ("... (ab12cd - gsmtp)"), which would make every deferral its own group.
 REPLY_PREFIX = 60
-# Rows changed per transaction by a bulk delete: each writes an event row too.
-DELETE_CHUNK = 500
+# Rows changed per transaction by a bulk delete, each with its event row: the CLI holds
+# the write lock that the server's accepts also wait for meanwhile. 200 rows held it a
+# median 13 ms on SQLite (commit included); 100 is about one accept batch's hold.
+DELETE_CHUNK = 100
 
 
 @dataclass
@@ -127,26 +129,38 @@ async def delete_domain(store: Store, domain: str, status: RecipientStatus | Non
     A recipient being delivered right now (leased) is dropped too: the attempt's outcome
     then finds its lease gone and is not recorded (the MX may still take the message)."""
     statuses = [status.value] if status is not None else [s.value for s in WAITING]
+    # One read finds them (through the status index); each write then changes only rows
+    # still waiting, so one delivered meanwhile is left as it is.
+    async with store._read() as conn:
+        ids = list(
+            (
+                await conn.execute(
+                    sa.select(recipient.c.id).where(
+                        recipient.c.status.in_(statuses), _domain_is(domain)
+                    )
+                )
+            ).scalars()
+        )
     total = 0
-    while True:
+    for start in range(0, len(ids), DELETE_CHUNK):
         now = store.clock()
         async with store._write() as conn:
             rows = (
                 await conn.execute(
-                    sa.select(recipient.c.id, recipient.c.message_id, recipient.c.address)
-                    # No ORDER BY: the status index finds the few waiting rows among
-                    # the many final ones; an order by id would walk the whole table.
-                    .where(recipient.c.status.in_(statuses), _domain_is(domain))
-                    .limit(DELETE_CHUNK)
+                    recipient.update()
+                    .where(
+                        recipient.c.id.in_(ids[start : start + DELETE_CHUNK]),
+                        # status || '': with bound values SQLite chose the status index
+                        # over the 200 rowids and walked every waiting row, 27.5 against
+                        # 3.1 ms a chunk among 200,000 waiting (EXPLAIN QUERY PLAN).
+                        (recipient.c.status + "").in_(statuses),
+                    )
+                    .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
+                    .returning(recipient.c.message_id, recipient.c.address)
                 )
             ).all()
             if not rows:
-                break
-            await conn.execute(
-                recipient.update()
-                .where(recipient.c.id.in_([r.id for r in rows]))
-                .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
-            )
+                continue
             accounts = dict(
                 (
                     await conn.execute(
