@@ -22,6 +22,7 @@ from relay.events.emit import event_json, message_json, parse_time, rfc3339
 from relay.http.server import CONTEXT, route_installer
 from relay.model import EventKind, RecipientStatus
 from relay.queue import events as q
+from relay.queue import operate
 from relay.queue.events import Webhook
 
 log = logging.getLogger("relay.api")
@@ -406,6 +407,65 @@ async def list_accounts(request: web.Request) -> web.Response:
     )
 
 
+async def queue_summary(request: web.Request) -> web.Response:
+    """Waiting mail by destination domain (``relay queue summary``)."""
+    require_admin(await caller(request))
+    domains = await operate.shape(request.app[CONTEXT].store)
+    ages = [name for name, _ in operate.AGE_BUCKETS]
+    return web.json_response(
+        {
+            "total": sum(d.total for d in domains),
+            "domains": [
+                {
+                    "domain": d.domain,
+                    "total": d.total,
+                    "ages": dict(zip(ages, d.by_age, strict=True)),
+                    "statuses": {s.value: d.by_status[s.value] for s in operate.WAITING},
+                    "top_deferral": (
+                        {"reply": d.top_reply, "count": d.top_reply_count} if d.top_reply else None
+                    ),
+                }
+                for d in domains
+            ],
+        }
+    )
+
+
+def _queue_domain(body: dict[str, Any]) -> str | None:
+    domain = body.get("domain")
+    if domain is not None and (not isinstance(domain, str) or "." not in domain):
+        raise APIError(400, "bad_request", "domain: expected a domain name")
+    return domain
+
+
+async def queue_retry(request: web.Request) -> web.Response:
+    """Waiting recipients of ``domain`` (or, with ``all: true``, every one) due now."""
+    require_admin(await caller(request))
+    body = await json_body(request)
+    domain = _queue_domain(body)
+    if (domain is None) == (body.get("all") is not True):
+        raise APIError(400, "bad_request", 'give either "domain" or "all": true')
+    n = await operate.retry_domain(request.app[CONTEXT].store, domain)
+    return web.json_response({"due_now": n})
+
+
+async def queue_delete(request: web.Request) -> web.Response:
+    """Drop the waiting recipients of ``domain`` (only ``status``, if given)."""
+    require_admin(await caller(request))
+    body = await json_body(request)
+    domain = _queue_domain(body)
+    if domain is None:
+        raise APIError(400, "bad_request", "domain: required")
+    waiting = [s.value for s in operate.WAITING]
+    status = body.get("status")
+    if status is not None and status not in waiting:
+        raise APIError(400, "bad_request", f"status: expected one of {', '.join(waiting)}")
+    n = await operate.delete_domain(
+        request.app[CONTEXT].store, domain, None if status is None else RecipientStatus(status)
+    )
+    return web.json_response({"deleted": n})
+
+
 async def not_found(request: web.Request) -> web.Response:
     raise APIError(404, "not_found", f"no route {request.method} {request.path}")
 
@@ -424,4 +484,7 @@ def install(app: web.Application) -> None:
     r.add_delete(f"{PREFIX}/webhooks/{{id}}", delete_hook)
     r.add_post(f"{PREFIX}/apikeys", create_key)
     r.add_get(f"{PREFIX}/accounts", list_accounts)
+    r.add_get(f"{PREFIX}/queue", queue_summary)
+    r.add_post(f"{PREFIX}/queue/retry", queue_retry)
+    r.add_post(f"{PREFIX}/queue/delete", queue_delete)
     r.add_route("*", f"{PREFIX}/{{tail:.*}}", not_found)
