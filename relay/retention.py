@@ -1,6 +1,6 @@
 """The retention sweep: the main process empties the bodies of finished messages.
 
-Without it the database only grows, by every body ever sent (issue 8's operations view:
+Without it the database only grows, by every body ever sent (issue 7's operations view:
 a disk that fills is a 3 a.m. page). Which bodies go, and why the rest of each message
 stays, is in relay/queue/retention.py; here is the timing. The config is read afresh
 every sweep, so a reload applies at the next one. Errors never stop the loop: a sweep

@@ -75,8 +75,14 @@ async def test_a_full_disk_refuses_with_452_and_mail_flows_again_once_there_is_r
     before = await submit(
         relay.submission_port, sender="a@example.com", recipients=["before@example.org"], data=first
     )
-    assert queue_id(before)
+    qid = queue_id(before)
+    assert qid
     sink.wait_for(1)
+    # Its outcome recorded too, before the disk fills (or that write would fail).
+    for _ in range(100):
+        if " delivered " in relay.cli("queue", "show", qid).stdout.split("events:")[0]:
+            break
+        await asyncio.sleep(0.2)
 
     filler = small_disk / "filler"
     _fill(filler)
