@@ -12,7 +12,6 @@ the SMTP listeners and supervises N listener processes, each a ``RelayApp`` with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from relay import heap, systemd
 from relay import reload as _reload
 from relay.config import Config
 from relay.events.emit import RefusalRecorder
-from relay.health import database_file_ok, free_space
+from relay.health import database_file_ok, free_space, room_for
 from relay.intake import Intake
 from relay.policy.build import build_checks
 from relay.policy.engine import Policy
@@ -37,6 +36,7 @@ from relay.smtp.handler import SMTPHandler
 from relay.smtp.listener import Listener, server_tls_context, start_listeners
 from relay.smtp.protocol import ConnectionLimiter
 from relay.smtp.trusted import TrustedNetworks
+from relay.tasks import cancel
 
 if TYPE_CHECKING:
     # The main process's parts, imported where it builds them (_start_main): a listener
@@ -106,9 +106,7 @@ class RelayApp:
             "delivery": self.worker is not None and self.worker.running,
             "database_file": database_file_ok(self.cfg.database),
             # MAIL is refused below smtp.min_free_space (policy/checks.py QueueSpace).
-            "queue_space": self.cfg.smtp.min_free_space <= 0
-            or (free := free_space(self.cfg.database)) is None
-            or free >= self.cfg.smtp.min_free_space,
+            "queue_space": room_for(free_space(self.cfg.database), self.cfg.smtp.min_free_space),
         }
 
     async def start(self) -> None:
@@ -297,25 +295,17 @@ class RelayApp:
             await self.worker.stop(max(0.0, deadline - time.monotonic()))
         if self._recheck_task is not None:
             self.rechecker.stop()
-            self._recheck_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recheck_task
+            await cancel(self._recheck_task)
         if self._sweep_task is not None:
             self.sweeper.stop()
-            self._sweep_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweep_task
+            await cancel(self._sweep_task)
         if self._worker_task is not None:
-            self._worker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker_task
+            await cancel(self._worker_task)
         if getattr(self, "refusals", None) is not None:
             await self.refusals.drain()
         if getattr(self, "webhooks", None) is not None:
             await self.webhooks.stop()
-            self._webhooks_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._webhooks_task
+            await cancel(self._webhooks_task)
         if self.http is not None:
             await self.http.stop()
         if self.metrics_server is not None:

@@ -36,6 +36,12 @@ def free_space(db: DatabaseConfig) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def room_for(free: int | None, min_free: int, size: int = 0) -> bool:
+    """Whether ``size`` more bytes fit above the ``min_free`` reserve (smtp.min_free_space;
+    0: no reserve). Unknown free space (PostgreSQL) never refuses."""
+    return min_free <= 0 or free is None or free >= min_free + size
+
+
 def database_file_ok(db: DatabaseConfig) -> bool:
     """True unless the configured SQLite file is missing or not readable and writable."""
     path = sqlite_path(db)

@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from relay.model import FINAL_STATUSES, Outcome, RecipientStatus
+from relay.model import WAITING_STATUSES, Outcome, RecipientStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -322,7 +322,7 @@ def quota_refusal(quota: str) -> None:
 # ---------------------------------------------------------------- queue gauges
 
 #: statuses the queue gauge reports (final ones are history, not queue)
-QUEUE_STATUSES: tuple[str, ...] = tuple(s.value for s in RecipientStatus if s not in FINAL_STATUSES)
+QUEUE_STATUSES: tuple[str, ...] = tuple(s.value for s in WAITING_STATUSES)
 
 
 class QueueCollector:

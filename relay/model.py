@@ -42,6 +42,10 @@ FINAL_STATUSES = frozenset(
         RecipientStatus.DELETED,
     }
 )
+#: statuses of mail not yet done, in the enum's order: the queue (final ones are history)
+WAITING_STATUSES = tuple(s for s in RecipientStatus if s not in FINAL_STATUSES)
+#: waiting statuses an operator's retry makes due now (a ``sending`` row is being delivered)
+RETRYABLE_STATUSES = (RecipientStatus.QUEUED, RecipientStatus.HELD, RecipientStatus.DEFERRED)
 #: statuses a worker may claim once ``due_at`` has passed
 CLAIMABLE_STATUSES = (RecipientStatus.QUEUED, RecipientStatus.DEFERRED, RecipientStatus.SENDING)
 

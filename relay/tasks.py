@@ -34,6 +34,13 @@ async def every(
             await asyncio.wait_for(stop.wait(), interval())
 
 
+async def cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended (its CancelledError is the expected end)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def drain(tasks: Iterable[asyncio.Task[None]], grace: float) -> None:
     """Let ``tasks`` finish within ``grace`` seconds, then cancel and reap the rest.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from relay.cli import with_store
 from relay.config import Config
-from relay.model import RecipientStatus
+from relay.model import WAITING_STATUSES, RecipientStatus
 from relay.queue import operate
 from relay.queue.store import MessageView, Store
 
@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
     which.add_argument("--domain", help="every waiting recipient at this domain")
     p.add_argument(
         "--status",
-        choices=[s.value for s in operate.WAITING],
+        choices=[s.value for s in WAITING_STATUSES],
         help="with --domain: only recipients in this status",
     )
     p.set_defaults(handler=with_store(cmd_delete))
@@ -111,7 +111,7 @@ async def cmd_summary(store: Store, cfg: Config, args: argparse.Namespace) -> in
         print("queue: nothing waiting")
         return 0
     ages = [name for name, _ in operate.AGE_BUCKETS]
-    statuses = [s.value for s in operate.WAITING]
+    statuses = [s.value for s in WAITING_STATUSES]
     print("waiting recipients by destination domain; age since accepted")
     print(
         f"{'DOMAIN':<28} {'TOTAL':>6} "

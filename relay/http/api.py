@@ -20,7 +20,7 @@ from aiohttp import web
 from relay.errors import Conflict, NotFound, StoreUnavailable
 from relay.events.emit import event_json, message_json, parse_time, rfc3339
 from relay.http.server import CONTEXT, route_installer
-from relay.model import EventKind, RecipientStatus
+from relay.model import WAITING_STATUSES, EventKind, RecipientStatus
 from relay.queue import events as q
 from relay.queue import operate
 from relay.queue.events import Webhook
@@ -420,7 +420,7 @@ async def queue_summary(request: web.Request) -> web.Response:
                     "domain": d.domain,
                     "total": d.total,
                     "ages": dict(zip(ages, d.by_age, strict=True)),
-                    "statuses": {s.value: d.by_status[s.value] for s in operate.WAITING},
+                    "statuses": {s.value: d.by_status[s.value] for s in WAITING_STATUSES},
                     "top_deferral": (
                         {"reply": d.top_reply, "count": d.top_reply_count} if d.top_reply else None
                     ),
@@ -456,7 +456,7 @@ async def queue_delete(request: web.Request) -> web.Response:
     domain = _queue_domain(body)
     if domain is None:
         raise APIError(400, "bad_request", "domain: required")
-    waiting = [s.value for s in operate.WAITING]
+    waiting = [s.value for s in WAITING_STATUSES]
     status = body.get("status")
     if status is not None and status not in waiting:
         raise APIError(400, "bad_request", f"status: expected one of {', '.join(waiting)}")

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from relay.config import DatabaseConfig
-from relay.health import free_space
+from relay.health import free_space, room_for
 from relay.model import DomainStatus, Stage, Verdict
 from relay.policy.engine import Request
 from relay.queue.store import Store
@@ -129,9 +129,10 @@ class QueueSpace:
         return self._free
 
     async def __call__(self, request: Request) -> Verdict | None:
-        if self.min_free <= 0 or (free := await self.free()) is None:
+        if self.min_free <= 0:
             return None
-        if free >= self.min_free + request.size:
+        free = await self.free()
+        if free is None or room_for(free, self.min_free, request.size):
             return None
         mb = 1024 * 1024
         declared = f" for {request.size} bytes declared (SIZE)" if request.size else ""

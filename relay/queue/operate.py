@@ -15,17 +15,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from relay.model import EventKind, RecipientStatus
+from relay.model import RETRYABLE_STATUSES, WAITING_STATUSES, RecipientStatus
 from relay.queue.store import Store
-from relay.queue.tables import event, message, recipient
+from relay.queue.tables import recipient
 
-#: The statuses of mail still waiting to be delivered.
-WAITING = (
-    RecipientStatus.QUEUED,
-    RecipientStatus.HELD,
-    RecipientStatus.SENDING,
-    RecipientStatus.DEFERRED,
-)
 #: Age columns of the summary (seconds since acceptance), as qshape's but fewer.
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
     ("<5m", 300.0),
@@ -60,7 +53,7 @@ async def shape(store: Store) -> list[DomainShape]:
     (two GROUP BYs over the waiting rows), so a backlog of millions costs the CLI no
     memory."""
     now = store.clock()
-    waiting = recipient.c.status.in_([s.value for s in WAITING])
+    waiting = recipient.c.status.in_([s.value for s in WAITING_STATUSES])
     # Age bucket index: accepted after now - limit, for the first limit that holds.
     bucket = sa.case(
         *(
@@ -111,9 +104,7 @@ async def retry_domain(store: Store, domain: str | None) -> int:
     """Make every queued, held or deferred recipient (of ``domain``; None: all) due now:
     delivery's next poll takes them. Leased rows (being delivered) are left alone."""
     now = store.clock()
-    cond: sa.ColumnElement[bool] = recipient.c.status.in_(
-        [s.value for s in (RecipientStatus.QUEUED, RecipientStatus.HELD, RecipientStatus.DEFERRED)]
-    )
+    cond: sa.ColumnElement[bool] = recipient.c.status.in_([s.value for s in RETRYABLE_STATUSES])
     if domain is not None:
         cond = sa.and_(cond, _domain_is(domain))
     async with store._write() as conn:
@@ -128,7 +119,7 @@ async def delete_domain(store: Store, domain: str, status: RecipientStatus | Non
     ``deleted``, each with its event, as ``relay queue delete ID`` does for one message.
     A recipient being delivered right now (leased) is dropped too: the attempt's outcome
     then finds its lease gone and is not recorded (the MX may still take the message)."""
-    statuses = [status.value] if status is not None else [s.value for s in WAITING]
+    statuses = [status.value] if status is not None else [s.value for s in WAITING_STATUSES]
     # One read finds them (through the status index); each write then changes only rows
     # still waiting, so one delivered meanwhile is left as it is.
     async with store._read() as conn:
@@ -143,46 +134,16 @@ async def delete_domain(store: Store, domain: str, status: RecipientStatus | Non
         )
     total = 0
     for start in range(0, len(ids), DELETE_CHUNK):
-        now = store.clock()
         async with store._write() as conn:
-            rows = (
-                await conn.execute(
-                    recipient.update()
-                    .where(
-                        recipient.c.id.in_(ids[start : start + DELETE_CHUNK]),
-                        # status || '': with bound values SQLite chose the status index
-                        # over the 200 rowids and walked every waiting row, 27.5 against
-                        # 3.1 ms a chunk among 200,000 waiting (EXPLAIN QUERY PLAN).
-                        (recipient.c.status + "").in_(statuses),
-                    )
-                    .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
-                    .returning(recipient.c.message_id, recipient.c.address)
-                )
-            ).all()
-            if not rows:
-                continue
-            accounts = dict(
-                (
-                    await conn.execute(
-                        sa.select(message.c.id, message.c.account_id).where(
-                            message.c.id.in_({r.message_id for r in rows})
-                        )
-                    )
-                ).all()
+            total += await store._mark_deleted(
+                conn,
+                sa.and_(
+                    recipient.c.id.in_(ids[start : start + DELETE_CHUNK]),
+                    # status || '': with bound values SQLite chose the status index over
+                    # the rowids and walked every waiting row, 27.5 against 3.1 ms a
+                    # chunk of 200 among 200,000 waiting (EXPLAIN QUERY PLAN).
+                    (recipient.c.status + "").in_(statuses),
+                ),
+                {"by": "operator", "domain": domain},
             )
-            await conn.execute(
-                event.insert(),
-                [
-                    store._event_row(
-                        EventKind.DELETED,
-                        now,
-                        accounts.get(r.message_id),
-                        r.message_id,
-                        r.address,
-                        {"by": "operator", "domain": domain},
-                    )
-                    for r in rows
-                ],
-            )
-        total += len(rows)
     return total

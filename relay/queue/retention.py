@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from relay.model import RecipientStatus
+from relay.model import WAITING_STATUSES
 from relay.queue import dialect
 from relay.queue.store import Store
 from relay.queue.tables import message, recipient, schema_meta
@@ -49,7 +49,7 @@ _SQLITE_EMPTY = sa.text(
     "UPDATE message SET body = x'', rowid = (SELECT max(rowid) FROM message) + 1"
     " WHERE id = :mid AND length(body) > 0"
 )
-_NOT_FINAL = sorted(s.value for s in RecipientStatus if not s.final)
+_WAITING = [s.value for s in WAITING_STATUSES]
 
 
 Key = tuple[float, str]  # (created_at, id): the walk's order, unique
@@ -132,7 +132,7 @@ async def purge_bodies(store: Store, cut: float, pause: float = 0.01) -> BodySwe
                         sa.select(recipient.c.message_id)
                         .where(
                             recipient.c.message_id.in_(ids),
-                            recipient.c.status.in_(_NOT_FINAL),
+                            recipient.c.status.in_(_WAITING),
                         )
                         .distinct()
                     )

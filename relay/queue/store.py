@@ -27,6 +27,8 @@ from relay.config import DatabaseConfig
 from relay.errors import Conflict, NotFound, NotMigrated, StorageFull, StoreUnavailable
 from relay.model import (
     CLAIMABLE_STATUSES,
+    RETRYABLE_STATUSES,
+    WAITING_STATUSES,
     Account,
     AccountStatus,
     Claim,
@@ -1236,9 +1238,7 @@ class Store:
             oldest: float | None = (
                 await conn.execute(
                     sa.select(sa.func.min(recipient.c.created_at)).where(
-                        recipient.c.status.in_(
-                            [s.value for s in (*CLAIMABLE_STATUSES, RecipientStatus.HELD)]
-                        )
+                        recipient.c.status.in_([s.value for s in WAITING_STATUSES])
                     )
                 )
             ).scalar()
@@ -1299,13 +1299,7 @@ class Store:
                 recipient.update()
                 .where(
                     recipient.c.message_id == message_id,
-                    recipient.c.status.in_(
-                        [
-                            RecipientStatus.QUEUED.value,
-                            RecipientStatus.DEFERRED.value,
-                            RecipientStatus.HELD.value,
-                        ]
-                    ),
+                    recipient.c.status.in_([s.value for s in RETRYABLE_STATUSES]),
                 )
                 .values(due_at=now, updated_at=now)
             )
@@ -1313,36 +1307,63 @@ class Store:
 
     async def delete_message(self, message_id: str) -> int:
         """Drop every recipient not yet final; an event records each."""
-        now = self.clock()
         async with self._write() as conn:
-            m = (
-                await conn.execute(
-                    sa.select(message.c.account_id).where(message.c.id == message_id)
+            n = await self._mark_deleted(
+                conn,
+                sa.and_(
+                    recipient.c.message_id == message_id,
+                    recipient.c.status.notin_([s.value for s in _FINAL]),
+                ),
+                {},
+            )
+            if not n:
+                found = await conn.execute(
+                    sa.select(message.c.id).where(message.c.id == message_id)
                 )
-            ).first()
-            if m is None:
-                raise NotFound(f"no message {message_id}")
-            rows = (
+                if found.first() is None:
+                    raise NotFound(f"no message {message_id}")
+        return n
+
+    async def _mark_deleted(
+        self, conn: AsyncConnection, where: sa.ColumnElement[bool], data: dict[str, Any]
+    ) -> int:
+        """An operator's drop, inside a write: the recipients matching ``where`` become
+        ``deleted`` (a lease on them is void), each with a ``deleted`` event carrying
+        ``data`` (relay queue delete, by message here or by domain in operate.py)."""
+        now = self.clock()
+        rows = (
+            await conn.execute(
+                recipient.update()
+                .where(where)
+                .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
+                .returning(recipient.c.message_id, recipient.c.address)
+            )
+        ).all()
+        if not rows:
+            return 0
+        accounts = dict(
+            (
                 await conn.execute(
-                    recipient.update()
-                    .where(
-                        recipient.c.message_id == message_id,
-                        recipient.c.status.notin_([s.value for s in _FINAL]),
+                    sa.select(message.c.id, message.c.account_id).where(
+                        message.c.id.in_({r.message_id for r in rows})
                     )
-                    .values(status=RecipientStatus.DELETED.value, updated_at=now, lease_owner=None)
-                    .returning(recipient.c.address)
                 )
             ).all()
-            if rows:
-                await conn.execute(
-                    event.insert(),
-                    [
-                        self._event_row(
-                            EventKind.DELETED, now, m.account_id, message_id, r.address, {}
-                        )
-                        for r in rows
-                    ],
+        )
+        await conn.execute(
+            event.insert(),
+            [
+                self._event_row(
+                    EventKind.DELETED,
+                    now,
+                    accounts.get(r.message_id),
+                    r.message_id,
+                    r.address,
+                    data,
                 )
+                for r in rows
+            ],
+        )
         return len(rows)
 
     # ------------------------------------------------------------------ counters

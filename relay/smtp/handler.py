@@ -38,15 +38,6 @@ def _ip(session: Any) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
-def _declared(mail_options: list[str]) -> int:
-    """MAIL's SIZE= (RFC 1870), which the protocol has checked is digits; 0 if absent."""
-    for option in mail_options:
-        key, _, value = option.partition("=")
-        if key.upper() == "SIZE" and value.isdigit():
-            return int(value)
-    return 0
-
-
 def _bad_address(address: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in address) or len(address) > 512
 
@@ -114,7 +105,7 @@ class SMTPHandler:
             return "553 5.1.3 Control characters are not allowed in addresses"
         verdict = await self.policy.check(
             self._request(
-                Stage.MAIL, session, envelope, mail_from=address, size=_declared(mail_options)
+                Stage.MAIL, session, envelope, mail_from=address, size=envelope.declared_size
             )
         )
         if not verdict.ok:

@@ -189,6 +189,7 @@ class Envelope:
     """One transaction: MAIL, RCPTs, and the body once DATA has it."""
 
     __slots__ = (
+        "declared_size",
         "mail_from",
         "mail_options",
         "notes",
@@ -200,6 +201,8 @@ class Envelope:
     def __init__(self) -> None:
         self.mail_from: str | None = None
         self.mail_options: list[str] = []
+        # MAIL's SIZE= (RFC 1870), 0 when not given: policy checks it against free space.
+        self.declared_size = 0
         # What policy checks learned at one stage for a later one (Request.notes).
         self.notes: dict[str, object] = {}
         self.rcpt_tos: list[str] = []
@@ -729,6 +732,8 @@ class RelaySMTP(asyncio.Protocol):
         if params:
             self.reply("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
             return
+        # Set on every MAIL: a refused MAIL leaves the envelope for the next one.
+        self.envelope.declared_size = 0 if size is None else int(size)
         status = await self._untimed(
             self.event_handler.handle_MAIL(self, self.session, self.envelope, address, options)
         )
