@@ -153,7 +153,7 @@ class RelayApp:
         from relay.events.webhooks import WebhookDispatcher
         from relay.http.metrics import MetricsServer
         from relay.http.server import HTTPContext, HTTPServer
-        from relay.retention import BodySweeper
+        from relay.retention import RetentionSweeper
 
         cfg = self.cfg
         self.resolver = MXResolver(cfg.dns, cfg.delivery.port, dict(cfg.delivery.routes))
@@ -184,7 +184,7 @@ class RelayApp:
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
         self.rechecker = Rechecker(self.store, cfg)
         self._recheck_task = asyncio.create_task(self.rechecker.run())
-        self.sweeper = BodySweeper(self.store, lambda: self.cfg.retention)
+        self.sweeper = RetentionSweeper(self.store, lambda: self.cfg.retention)
         self._sweep_task = asyncio.create_task(self.sweeper.run())
         await self.http.start()
         if cfg.metrics.listen is not None:

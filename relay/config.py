@@ -146,6 +146,12 @@ class RetentionConfig:
     # past the 72 h max_age, so a message is normally final long before.
     purge_bodies: bool = True
     bodies: float = 7 * 86400.0
+    # The records (message, recipients, events, webhook POSTs; refusals, the bounce log,
+    # inbound reports) go after a quarter, as Postal's message retention does after its
+    # days: enough to answer "what happened to my mail to X last month", bounded growth
+    # (~0.55 KB a message) after. Statistics of those days stay, counted per day.
+    purge_records: bool = True
+    records: float = 90 * 86400.0
     sweep_interval: float = 300.0
 
 
@@ -625,6 +631,15 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         # A sweep's cut must lie well behind every accept still committing (and behind
         # other nodes' clocks), or a message could fall behind its mark unswept.
         problems.add("retention.bodies", "expected at least 3600 seconds (1 hour)")
+    # The reputation level reads delivered/bounced recipients and complaints over
+    # limits.level_window_days; the records they are read from must outlive it.
+    keep_days = max(cfg.limits.level_window_days + 1, 2)
+    if cfg.retention.records < max(cfg.retention.bodies, keep_days * 86400):
+        problems.add(
+            "retention.records",
+            f"expected at least retention.bodies and {keep_days} days"
+            " (limits.level_window_days + 1)",
+        )
     if cfg.retention.sweep_interval < 1:
         problems.add("retention.sweep_interval", "must be >= 1 second")
     if cfg.webhooks.concurrency < 1:

@@ -225,6 +225,12 @@ BODIES_PURGED = Counter(
     "retention.bodies)",
     registry=REGISTRY,
 )
+RECORDS_DELETED = Counter(
+    "relay_retention_rows_deleted_total",
+    "Rows deleted by the record retention (older than retention.records), by table",
+    ["table"],
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "relay_config_reloads_total",
     "SIGHUP config reloads by outcome (applied, rejected)",

@@ -1,4 +1,5 @@
-"""The retention sweep: the main process empties the bodies of finished messages.
+"""The retention sweep: the main process empties the bodies of finished messages, and
+later deletes their records.
 
 Without it the database only grows, by every body ever sent (issue 7's operations view:
 a disk that fills is a 3 a.m. page). Which bodies go, and why the rest of each message
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from relay import metrics
 from relay.config import RetentionConfig
@@ -23,17 +25,29 @@ from relay.tasks import every
 log = logging.getLogger("relay")
 
 
-class BodySweeper:
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What one sweep did (None: that part is switched off)."""
+
+    bodies: sql.BodySweep | None
+    records: sql.RecordSweep | None
+
+
+class RetentionSweeper:
     def __init__(self, store: Store, cfg: Callable[[], RetentionConfig]) -> None:
         self.store = store
         self.cfg = cfg
         self._stop = asyncio.Event()
 
-    async def once(self) -> sql.BodySweep | None:
-        """One sweep now (None when purging is off)."""
+    async def once(self) -> Sweep:
+        """One sweep now: bodies first (they go sooner), then records."""
         cfg = self.cfg()
-        if not cfg.purge_bodies:
-            return None
+        return Sweep(
+            await self._bodies(cfg) if cfg.purge_bodies else None,
+            await self._records(cfg) if cfg.purge_records else None,
+        )
+
+    async def _bodies(self, cfg: RetentionConfig) -> sql.BodySweep:
         started = time.monotonic()
         result = await sql.purge_bodies(self.store, self.store.clock() - cfg.bodies)
         metrics.BODIES_PURGED.inc(result.purged)
@@ -44,6 +58,26 @@ class BodySweeper:
                 result.purged,
                 result.in_flight,
                 cfg.bodies,
+                time.monotonic() - started,
+            )
+        return result
+
+    async def _records(self, cfg: RetentionConfig) -> sql.RecordSweep:
+        started = time.monotonic()
+        result = await sql.purge_records(self.store, self.store.clock() - cfg.records)
+        if result.messages:
+            metrics.RECORDS_DELETED.labels("message").inc(result.messages)
+        for table, n in result.loose.items():
+            if n:
+                metrics.RECORDS_DELETED.labels(table).inc(n)
+        if result.messages or result.days_rolled or any(result.loose.values()):
+            log.info(
+                "retention: %d days counted into stats_day, %d messages deleted with their"
+                " rows, %d kept (in flight or a later event), other rows deleted: %s (%.2f s)",
+                result.days_rolled,
+                result.messages,
+                result.kept,
+                " ".join(f"{t}={n}" for t, n in result.loose.items()),
                 time.monotonic() - started,
             )
         return result

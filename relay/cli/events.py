@@ -52,7 +52,11 @@ def register(sub: Any) -> None:
     p.add_argument("account")
     p.set_defaults(handler=with_store(cmd_apikey))
 
-    p = sub.add_parser("stats", help="per-day sending statistics computed from events")
+    p = sub.add_parser(
+        "stats",
+        help="per-day sending statistics (from events; days past retention.records from"
+        " their daily counts)",
+    )
     p.add_argument("--from", dest="since", help="first day YYYY-MM-DD (default: 6 days ago)")
     p.add_argument("--to", dest="until", help="last day YYYY-MM-DD, included (default: today)")
     p.add_argument("--domain", help="only mail from this sender domain")

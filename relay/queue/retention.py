@@ -1,4 +1,5 @@
-"""SQL of retention: dropping the bodies of finished messages (docs/operations.md).
+"""SQL of retention: dropping the bodies of finished messages, then their whole records
+(docs/operations.md).
 
 A body is needed only while a recipient of its message may still be tried: delivery is
 its one reader, and a recipient never leaves a final status (delivered, bounced, expired,
@@ -12,6 +13,14 @@ the body of each whose recipients are all final, in short writes. A mark in
 still in flight (or the last one it saw), so a sweep reads only what is new, plus what
 lies behind a message kept in flight longer than the retention period (a ``max_age``
 above it).
+
+Records (``purge_records``) go later, after ``retention.records``: a message with its
+recipients, events and webhook POSTs once every recipient is final and its last event is
+older than the cut, and the rows that belong to no message (refusals, the bounce log,
+inbound reports, webhook POSTs). The cut is a UTC day boundary, and every day before it
+is first counted into stats_day (rollup.py), so the statistics of a day survive its rows.
+A message with an event after the cut (an open weeks later) waits until that one ages
+too: deleting it earlier would take a day's count away after the day was counted.
 """
 
 from __future__ import annotations
@@ -24,9 +33,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from relay.model import WAITING_STATUSES
-from relay.queue import dialect
+from relay.queue import dialect, rollup
+from relay.queue.rollup import DAY
 from relay.queue.store import Store
-from relay.queue.tables import message, recipient, schema_meta
+from relay.queue.tables import (
+    bounce_log,
+    event,
+    inbound_report,
+    message,
+    recipient,
+    schema_meta,
+    webhook_delivery,
+)
 
 MARK_KEY = "retention.bodies_mark"
 # Messages read per step of the walk.
@@ -92,6 +110,17 @@ def _from(key: Key, inclusive: bool) -> sa.ColumnElement[bool]:
     return sa.or_(message.c.created_at > at, sa.and_(message.c.created_at == at, same))
 
 
+async def _walk_step(conn: Any, cut: float, key: Key, inclusive: bool) -> list[Any]:
+    """The next BATCH messages accepted before ``cut``, from ``key`` on, in walk order."""
+    rows = await conn.execute(
+        sa.select(message.c.id, message.c.created_at, message.c.size)
+        .where(message.c.created_at < cut, _from(key, inclusive))
+        .order_by(message.c.created_at, message.c.id)
+        .limit(BATCH)
+    )
+    return list(rows.all())
+
+
 def _by_bytes(rows: list[Any]) -> list[list[dict[str, str]]]:
     """The rows' ids in consecutive writes of about WRITE_BYTES of body each."""
     writes: list[list[dict[str, str]]] = []
@@ -115,14 +144,7 @@ async def purge_bodies(store: Store, cut: float, pause: float = 0.01) -> BodySwe
     scanned = purged = in_flight = 0
     while True:
         async with store._read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(message.c.id, message.c.created_at, message.c.size)
-                    .where(message.c.created_at < cut, _from(key, inclusive))
-                    .order_by(message.c.created_at, message.c.id)
-                    .limit(BATCH)
-                )
-            ).all()
+            rows = await _walk_step(conn, cut, key, inclusive)
             if not rows:
                 break
             ids = [r.id for r in rows]
@@ -167,3 +189,114 @@ async def purge_bodies(store: Store, cut: float, pause: float = 0.01) -> BodySwe
     if new_mark != mark:
         await _write_mark(store, new_mark)
     return BodySweep(scanned, purged, in_flight, new_mark)
+
+
+# ---------------------------------------------------------------------------- records
+
+# Rows deleted per write where a row is small (events, the bounce log, webhook POSTs),
+# and where it holds a whole inbound report (up to the size limit).
+LOOSE_ROWS = 1000
+REPORT_ROWS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSweep:
+    """What one record sweep did."""
+
+    days_rolled: int  # days counted into stats_day
+    messages: int  # messages deleted with their recipients, events and webhook POSTs
+    kept: int  # messages before the cut kept: in flight, or with a later event
+    loose: dict[str, int]  # table -> rows deleted that belonged to no deleted message
+
+
+async def _deletable(store: Store, rows: list[Any], edge: float) -> tuple[list[Any], int]:
+    """Of these messages (accepted before ``edge``), those whose recipients are all
+    final and whose last event is before ``edge``; and how many are kept."""
+    ids = [r.id for r in rows]
+    async with store._read() as conn:
+        keep = set(
+            (
+                await conn.execute(
+                    sa.select(recipient.c.message_id)
+                    .where(recipient.c.message_id.in_(ids), recipient.c.status.in_(_WAITING))
+                    .distinct()
+                )
+            ).scalars()
+        )
+        keep.update(
+            (
+                await conn.execute(
+                    sa.select(event.c.message_id)
+                    .where(event.c.message_id.in_(ids), event.c.at >= edge)
+                    .distinct()
+                )
+            ).scalars()
+        )
+    return [r for r in rows if r.id not in keep], len(keep)
+
+
+async def _delete_messages(store: Store, ids: list[str]) -> int:
+    async with store._write() as conn:
+        for table, column in (
+            (webhook_delivery, webhook_delivery.c.message_id),
+            (event, event.c.message_id),
+            (recipient, recipient.c.message_id),
+        ):
+            await conn.execute(table.delete().where(column.in_(ids)))
+        res = await conn.execute(message.delete().where(message.c.id.in_(ids)))
+    return int(res.rowcount)
+
+
+async def _delete_loose(
+    store: Store, table: sa.Table, where: sa.ColumnElement[bool], rows: int, pause: float
+) -> int:
+    """Delete the rows of ``table`` matching ``where``, ``rows`` per write."""
+    deleted = 0
+    while True:
+        chunk = sa.select(table.c.id).where(where).limit(rows).scalar_subquery()
+        async with store._write() as conn:
+            n = int((await conn.execute(table.delete().where(table.c.id.in_(chunk)))).rowcount)
+        deleted += n
+        if n < rows:
+            return deleted
+        await asyncio.sleep(pause)
+
+
+async def purge_records(store: Store, cut: float, pause: float = 0.01) -> RecordSweep:
+    """Delete what is older than ``cut`` (rounded down to a UTC day), once its days are
+    counted into stats_day. Short writes, ``pause`` seconds apart."""
+    day_cut = int(cut // DAY)
+    rolled = await rollup.roll_up_through(store, day_cut - 1)
+    edge = float(day_cut * DAY)
+    messages = kept = 0
+    key: Key = (0.0, "")
+    inclusive = True
+    while True:
+        async with store._read() as conn:
+            rows = await _walk_step(conn, edge, key, inclusive)
+        if not rows:
+            break
+        done, held = await _deletable(store, rows, edge)
+        kept += held
+        for chunk in _by_bytes(done):
+            messages += await _delete_messages(store, [d["mid"] for d in chunk])
+            await asyncio.sleep(pause)
+        key, inclusive = (rows[-1].created_at, rows[-1].id), False
+        if len(rows) < BATCH:
+            break
+    no_message = ~sa.exists().where(message.c.id == event.c.message_id)
+    loose = {
+        "event": await _delete_loose(
+            store, event, sa.and_(event.c.at < edge, no_message), LOOSE_ROWS, pause
+        ),
+        "webhook_delivery": await _delete_loose(
+            store, webhook_delivery, webhook_delivery.c.created_at < edge, LOOSE_ROWS, pause
+        ),
+        "bounce_log": await _delete_loose(
+            store, bounce_log, bounce_log.c.at < edge, LOOSE_ROWS, pause
+        ),
+        "inbound_report": await _delete_loose(
+            store, inbound_report, inbound_report.c.at < edge, REPORT_ROWS, pause
+        ),
+    }
+    return RecordSweep(rolled.days, messages, kept, loose)

@@ -13,7 +13,7 @@ metadata = sa.MetaData()
 # The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
 # are. Store.check_schema compares the database with it without loading Alembic; a
 # migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
-SCHEMA_HEAD: tuple[str, ...] = ("0001",)
+SCHEMA_HEAD: tuple[str, ...] = ("0002",)
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -193,6 +193,7 @@ webhook_delivery = sa.Table(
     sa.UniqueConstraint("webhook_id", "event_id", name="uq_webhook_delivery"),
     sa.Index("ix_webhook_delivery_status_due", "status", "due_at"),
     sa.Index("ix_webhook_delivery_message", "webhook_id", "message_id", "event_id"),
+    sa.Index("ix_webhook_delivery_created", "created_at"),  # the record retention, by age
 )
 
 # api_key: bearer tokens for the HTTP API, one account each. Only the SHA-256 of the token
@@ -254,6 +255,7 @@ bounce_log = sa.Table(
     sa.Column("reply", sa.Text, nullable=False, server_default=""),
     sa.Column("mx", sa.String(255)),
     sa.Index("ix_bounce_log_account_at", "account_id", "at"),
+    sa.Index("ix_bounce_log_at", "at"),  # the record retention deletes by age
 )
 
 # inbound_report: every mail accepted on port 25 for a bounce/unsubscribe address, kept
@@ -321,4 +323,17 @@ warmup_start = sa.Table(
     sa.Column("domain", sa.String(255), primary_key=True),
     sa.Column("first_day", sa.String(10), nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
+)
+
+# stats_day: the statistics of a UTC day whose event rows the record retention deleted
+# (relay/queue/rollup.py): per account (0 = none) and sender domain, one count per event
+# kind, counted as the live statistics count them. day = days since the epoch.
+stats_day = sa.Table(
+    "stats_day",
+    metadata,
+    sa.Column("day", sa.Integer, primary_key=True),
+    sa.Column("account_id", BigId, primary_key=True, autoincrement=False),
+    sa.Column("sender_domain", sa.String(255), primary_key=True),
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
 )

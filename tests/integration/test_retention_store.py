@@ -10,7 +10,7 @@ from relay.config import DatabaseConfig
 from relay.model import Claim, Outcome, RecipientStatus
 from relay.queue import retention
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
-from tests.support.store import Clock
+from tests.support.store import Clock, clock_of
 
 DAY = 86400.0
 BODY = b"Subject: kept until done\r\n\r\n" + b"x" * 5000 + b"\r\n"
@@ -19,11 +19,6 @@ BODY = b"Subject: kept until done\r\n\r\n" + b"x" * 5000 + b"\r\n"
 @pytest.fixture
 def store(dialect_store: Store) -> Store:
     return dialect_store
-
-
-def _clock(store: Store) -> Clock:
-    assert isinstance(store.clock, Clock)
-    return store.clock
 
 
 async def _accept(store: Store, account_id: int, mid: str, rcpts: int = 1) -> None:
@@ -57,7 +52,7 @@ async def _finish(
             updates.append(OutcomeUpdate(c.recipient_id, Outcome(status, "250 ok")))
         else:
             deferred = Outcome(RecipientStatus.DEFERRED, "451 later")
-            updates.append(OutcomeUpdate(c.recipient_id, deferred, _clock(store).now + 300))
+            updates.append(OutcomeUpdate(c.recipient_id, deferred, clock_of(store).now + 300))
     await store.record_outcomes("w", updates)
 
 
@@ -77,12 +72,12 @@ async def test_only_bodies_of_old_messages_with_every_recipient_final_are_emptie
     await _finish(store, claims["bounced"], RecipientStatus.BOUNCED)
     await _finish(store, claims["half"], RecipientStatus.DELIVERED, only=1)
     await _accept(store, acct.id, "queued")
-    _clock(store).now += 60
+    clock_of(store).now += 60
     await _accept(store, acct.id, "young")
     await _finish(store, (await _claim(store))["young"], RecipientStatus.DELIVERED)
 
     # Cut between the first four and "young".
-    swept = await retention.purge_bodies(store, cut=_clock(store).now - 30, pause=0)
+    swept = await retention.purge_bodies(store, cut=clock_of(store).now - 30, pause=0)
 
     assert (swept.scanned, swept.purged, swept.in_flight) == (4, 2, 2)
     assert await _body(store, "delivered") == b""
@@ -103,31 +98,31 @@ async def test_the_mark_skips_what_was_swept_and_waits_at_the_first_message_in_f
     acct = await store.add_account("alice", "x")
     for i in range(5):
         await _accept(store, acct.id, f"m{i}")
-        _clock(store).now += 1
+        clock_of(store).now += 1
     claims = await _claim(store)
     for i in (0, 1, 3, 4):
         await _finish(store, claims[f"m{i}"], RecipientStatus.DELIVERED)
-    first = await retention.purge_bodies(store, cut=_clock(store).now, pause=0)
+    first = await retention.purge_bodies(store, cut=clock_of(store).now, pause=0)
     assert (first.scanned, first.purged, first.in_flight) == (5, 4, 1)
 
     # The next sweep starts at m2, the one still in flight: it re-reads m2..m4 only.
-    again = await retention.purge_bodies(store, cut=_clock(store).now, pause=0)
+    again = await retention.purge_bodies(store, cut=clock_of(store).now, pause=0)
     assert (again.scanned, again.purged, again.in_flight) == (3, 0, 1)
 
     await _finish(store, claims["m2"], RecipientStatus.DELIVERED)
-    last = await retention.purge_bodies(store, cut=_clock(store).now, pause=0)
+    last = await retention.purge_bodies(store, cut=clock_of(store).now, pause=0)
     assert (last.scanned, last.purged, last.in_flight) == (3, 1, 0)
     assert await _body(store, "m2") == b""
     # Nothing in flight behind it: the mark moved to the last message seen.
-    done = await retention.purge_bodies(store, cut=_clock(store).now, pause=0)
+    done = await retention.purge_bodies(store, cut=clock_of(store).now, pause=0)
     assert (done.scanned, done.purged) == (1, 0)
 
     # A message accepted later and finished is swept once the cut passes it.
-    _clock(store).now += 10
+    clock_of(store).now += 10
     await _accept(store, acct.id, "later")
     await _finish(store, (await _claim(store))["later"], RecipientStatus.EXPIRED)
-    _clock(store).now += 1
-    assert (await retention.purge_bodies(store, cut=_clock(store).now, pause=0)).purged == 1
+    clock_of(store).now += 1
+    assert (await retention.purge_bodies(store, cut=clock_of(store).now, pause=0)).purged == 1
     assert await _body(store, "later") == b""
 
 
@@ -139,8 +134,8 @@ async def test_a_sweep_walks_every_batch(store: Store) -> None:
     await store.delete_message("m0005")
     for claims in (await _claim(store)).values():
         await _finish(store, claims, RecipientStatus.DELIVERED)
-    _clock(store).now += DAY
-    swept = await retention.purge_bodies(store, cut=_clock(store).now - 1, pause=0)
+    clock_of(store).now += DAY
+    swept = await retention.purge_bodies(store, cut=clock_of(store).now - 1, pause=0)
     assert (swept.scanned, swept.purged, swept.in_flight) == (n, n, 0)
     assert {await _body(store, f"m{i:04d}") for i in range(n)} == {b""}
 
@@ -172,8 +167,8 @@ async def test_on_sqlite_the_space_of_purged_bodies_takes_the_next_mail(tmp_path
     try:
         await send_and_deliver(0)
         grown, _ = await pages()
-        _clock(store).now += 8 * DAY
-        assert (await retention.purge_bodies(store, _clock(store).now - 7 * DAY, 0)).purged == 400
+        clock_of(store).now += 8 * DAY
+        assert (await retention.purge_bodies(store, clock_of(store).now - 7 * DAY, 0)).purged == 400
         total, free = await pages()
         assert free > 200  # the 400 bodies' pages went back to SQLite
         await send_and_deliver(400)

@@ -20,6 +20,12 @@ class Clock:
         return self.now
 
 
+def clock_of(store: Store) -> Clock:
+    """The Clock a test store was opened with (to move it)."""
+    assert isinstance(store.clock, Clock)
+    return store.clock
+
+
 async def open_store(path: Path, clock: Clock, cache_seconds: float = 5.0) -> Store:
     """A Store on a SQLite file at ``path`` (node "t"), migrated to the current schema."""
     url = f"sqlite+aiosqlite:///{path}"

@@ -87,3 +87,18 @@ def test_retention_below_an_hour_is_refused_and_the_default_is_a_week(tmp_path: 
     assert "retention.bodies: expected at least 3600 seconds (1 hour)" in str(exc.value)
     cfg = load_config(write(tmp_path, "retention:\n  purge_bodies: false\n"))
     assert (cfg.retention.purge_bodies, cfg.retention.bodies) == (False, 7 * 86400)
+
+
+def test_records_are_kept_a_quarter_and_never_less_than_what_reads_them(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert (cfg.retention.purge_records, cfg.retention.records) == (True, 90 * 86400)
+    for yaml_text in (
+        "retention:\n  records: 86400\n",  # below the reputation level's 7 + 1 days
+        "retention:\n  records: 777600\n  bodies: 864000\n",  # 9 days, below the bodies' 10
+    ):
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, yaml_text))
+        assert "retention.records: expected at least retention.bodies and 8 days" in str(exc.value)
+    assert load_config(write(tmp_path, "retention:\n  records: 691200\n")).retention.records == (
+        8 * 86400
+    )
