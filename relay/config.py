@@ -111,6 +111,17 @@ class DeliveryConfig:
     # A destination's due messages are split into sessions of at most this many, run in
     # parallel (bounded by concurrency): reuse without one slow session holding them all.
     messages_per_connection: int = 20
+    # Sessions to one destination (recipient domain) at once: Postfix's
+    # default_destination_concurrency_limit. Big receivers answer more with 421.
+    destination_concurrency: int = 20
+    # A destination none of whose MX hosts answered, and none of whose sessions opened
+    # for retry_first, is not tried again for retry_first: its mail is deferred at once
+    # (relay/delivery/destinations.py), as Postfix's dead destination waits out its
+    # minimal_backoff_time. false: always try.
+    destination_suspend: bool = True
+    # Recipients one node holds leased at once, delivering or waiting for their
+    # destination: Postfix's active queue (qmgr_message_recipient_limit, 20,000).
+    active_limit: int = 10_000
     # Postfix's smtp_connection_cache_time_limit / smtp_connection_reuse_time_limit: a
     # session is kept idle this long for the next batch to the same MX hosts (0: QUIT
     # after each batch), and is not reused once this old.
@@ -621,6 +632,10 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("delivery.concurrency", "must be >= 1")
     if cfg.delivery.messages_per_connection < 1:
         problems.add("delivery.messages_per_connection", "must be >= 1")
+    if cfg.delivery.destination_concurrency < 1:
+        problems.add("delivery.destination_concurrency", "must be >= 1")
+    if cfg.delivery.active_limit < cfg.delivery.batch_size:
+        problems.add("delivery.active_limit", "must be >= delivery.batch_size")
     if not 0 <= cfg.delivery.claim_delay <= 10:
         problems.add("delivery.claim_delay", "expected 0-10 seconds (0: claim at once)")
     if cfg.delivery.connection_cache_time < 0:

@@ -219,6 +219,12 @@ QUOTA_REFUSALS = Counter(
     ["quota"],
     registry=REGISTRY,
 )
+DELIVERY_SUSPENDED = Counter(
+    "relay_delivery_suspended_total",
+    "Recipients deferred without a connection attempt: their destination was suspended "
+    "after no MX host of it could be reached (delivery.destination_suspend)",
+    registry=REGISTRY,
+)
 BODIES_PURGED = Counter(
     "relay_retention_bodies_purged_total",
     "Message bodies emptied by the retention sweep (every recipient final, older than "
@@ -307,6 +313,10 @@ def delivery_connection(tls: bool) -> None:
 
 def delivery_session_reused() -> None:
     DELIVERY_SESSIONS_REUSED.inc()
+
+
+def delivery_suspended(count: int) -> None:
+    DELIVERY_SUSPENDED.inc(count)
 
 
 def dns_failure(kind: str) -> None:

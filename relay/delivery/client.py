@@ -244,8 +244,13 @@ class DestinationSession:
         targets: Sequence[Target],
         envelopes: Sequence[Envelope] | AsyncIterator[Envelope],
         on_done: Callable[[Envelope], None] | None = None,
-    ) -> None:
+        on_open: Callable[[], None] | None = None,
+    ) -> Outcome | None:
         """Deliver each envelope over one session; fill in every recipient's outcome.
+
+        Returns why, when no MX host could be reached (every envelope is deferred or
+        bounced with it); None once a session was had. ``on_open`` is called for each
+        session opened or taken from the cache.
 
         ``envelopes`` may be an async iterator: each is then taken only when the session
         is ready to send it, so the caller need not hold a whole session's prepared
@@ -270,8 +275,10 @@ class DestinationSession:
                         for rid, _ in env.recipients:
                             env.outcomes[rid] = opened
                         done(env)
-                    return
+                    return opened
                 client, mx, tls = opened
+            if on_open is not None:
+                on_open()
             healthy = False
             try:
                 while (sending := await pending.first()) is not None:
@@ -327,11 +334,12 @@ class DestinationSession:
                                 tls,
                             )
                         done(rest)
-                    return
+                    return None
                 continue
             finally:
                 if not (healthy and self._park(key, client, mx, tls)):
                     await client.quit()
+        return None
 
     async def _transaction(self, client: SMTPConnection, env: Envelope, mx: str, tls: bool) -> None:
         options = [f"SIZE={len(env.data)}"]

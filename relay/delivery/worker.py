@@ -18,6 +18,7 @@ from relay import metrics
 from relay.config import DeliveryConfig
 from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
+from relay.delivery.destinations import Destinations
 from relay.delivery.dsn import build_dsn
 from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
 from relay.delivery.render import Rendered
@@ -25,6 +26,7 @@ from relay.delivery.render import Renderer as ReputationRenderer
 from relay.errors import StoreUnavailable
 from relay.intake import first_address, new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
+from relay.queue.operate import flushed_since
 from relay.queue.retry import is_expired, next_delay
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
 from relay.tasks import drain
@@ -76,6 +78,13 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._slots = asyncio.Semaphore(cfg.concurrency)
+        self.destinations = Destinations(
+            lambda: self.cfg.destination_concurrency,
+            lambda: self.cfg.retry_first if self.cfg.destination_suspend else 0.0,
+            wall=clock,
+        )
+        # Sessions past their destination's gate: delivering, or waiting for a worker.
+        self._admitted = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[int] = set()
         self._domains: dict[str, tuple[float, Domain | None]] = {}
@@ -127,11 +136,16 @@ class DeliveryWorker:
 
     async def _claim(self) -> bool:
         """Claim what is due; True when the claim was full (more may be waiting)."""
-        free = self.cfg.concurrency - (len(self._tasks))
-        if free <= 0:
+        # Sessions waiting for their destination (delivery.destination_concurrency) do not
+        # hold the claim back: mail to other destinations is claimed and goes past them,
+        # as Postfix's queue manager serves every destination in its active queue. What
+        # one node holds leased at once is bounded by delivery.active_limit.
+        free = self.cfg.concurrency - self._admitted
+        room = self.cfg.active_limit - len(self._inflight)
+        if free <= 0 or room <= 0:
             await self._sleep(self.cfg.poll_interval)
             return True
-        limit = min(self.cfg.batch_size, free * 20)
+        limit = min(self.cfg.batch_size, free * self.cfg.messages_per_connection, room)
         claims = await self.store.claim_due(self.owner, self.cfg.lease_seconds, limit)
         if not claims:
             return False
@@ -151,13 +165,12 @@ class DeliveryWorker:
         interval = max(1.0, self.cfg.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
-            if self._inflight:
+            for ids in _batches(sorted(self._inflight)):
                 try:
-                    await self.store.renew_leases(
-                        self.owner, sorted(self._inflight), self.cfg.lease_seconds
-                    )
+                    await self.store.renew_leases(self.owner, ids, self.cfg.lease_seconds)
                 except StoreUnavailable as exc:
                     log.warning("lease renewal failed: %s", exc)
+                    break
 
     async def _sender_domain(self, name: str) -> Domain | None:
         now = time.monotonic()
@@ -240,9 +253,34 @@ class DeliveryWorker:
         return Prepared(body, envelope_from or mail_from, signers)
 
     async def _deliver_domain(self, rcpt_domain: str, claims: list[Claim]) -> None:
-        async with self._slots:
+        async with self.destinations.slot(rcpt_domain):
+            self._admitted += 1
             try:
-                await self._attempt(rcpt_domain, claims)
+                await self._session(rcpt_domain, claims)
+            finally:
+                self._admitted -= 1
+
+    async def _session(self, rcpt_domain: str, claims: list[Claim]) -> None:
+        async with self._slots:
+            if self._stopping:
+                return  # not begun: the claims stay leased, and stop() gives them back
+            try:
+                suspension = self.destinations.suspended(rcpt_domain)
+                if suspension is not None and await flushed_since(
+                    self.store, rcpt_domain, suspension.since
+                ):
+                    self.destinations.lift(rcpt_domain)
+                    suspension = None
+                if suspension is None:
+                    await self._attempt(rcpt_domain, claims)
+                else:
+                    metrics.delivery_suspended(len(claims))
+                    o = Outcome(
+                        RecipientStatus.DEFERRED,
+                        f"4.4.1 Delivery to {rcpt_domain} temporarily suspended:"
+                        f" {suspension.reason}",
+                    )
+                    await self._record(claims, {c.recipient_id: o for c in claims})
             except Exception:
                 log.exception("delivery to %s failed unexpectedly", rcpt_domain)
                 # Defer rather than lose: the lease would expire anyway, this is sooner.
@@ -281,9 +319,20 @@ class DeliveryWorker:
             recording.append(asyncio.create_task(self._record(env_claims, dict(env.outcomes))))
 
         try:
-            await self.session.deliver(targets, ahead, on_done=done)
+            unreachable = await self.session.deliver(
+                targets, ahead, on_done=done, on_open=lambda: self.destinations.reached(rcpt_domain)
+            )
         finally:
             ahead.close()
+        if unreachable is not None:
+            suspended = self.destinations.unreachable(rcpt_domain, unreachable.reply)
+            if suspended:
+                log.warning(
+                    "delivery to %s suspended for %.0f s: no MX host could be reached (%s)",
+                    rcpt_domain,
+                    suspended,
+                    unreachable.reply,
+                )
         await asyncio.gather(*recording)
         recorded = {rid for env in ahead.produced for rid, _ in env.recipients}
         missing = [c for c in claims if c.recipient_id not in recorded]
@@ -408,9 +457,18 @@ class DeliveryWorker:
         await drain(self._tasks, grace)
         self.session.close_idle()
         # Anything still leased by us goes back to the queue now, not after lease expiry.
-        if self._inflight:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release_leases(self.owner, sorted(self._inflight))
+        with contextlib.suppress(StoreUnavailable):
+            for ids in _batches(sorted(self._inflight)):
+                await self.store.release_leases(self.owner, ids)
+
+
+# Leases renewed or released per statement: up to delivery.active_limit ids are held,
+# and a statement takes at most 32,767 parameters (asyncpg; SQLite's default too).
+LEASE_BATCH = 1000
+
+
+def _batches(ids: list[int]) -> list[list[int]]:
+    return [ids[i : i + LEASE_BATCH] for i in range(0, len(ids), LEASE_BATCH)]
 
 
 _FINAL_FAILURES = (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED)

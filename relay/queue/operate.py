@@ -10,14 +10,17 @@ one short transaction per chunk, and takes its time from the store's clock.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
 from relay.model import RETRYABLE_STATUSES, WAITING_STATUSES, RecipientStatus
+from relay.queue import dialect
 from relay.queue.store import Store
-from relay.queue.tables import recipient
+from relay.queue.tables import recipient, schema_meta
 
 #: Age columns of the summary (seconds since acceptance), as qshape's but fewer.
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -111,7 +114,46 @@ async def retry_domain(store: Store, domain: str | None) -> int:
         res = await conn.execute(
             recipient.update().where(cond, recipient.c.due_at > now).values(due_at=now)
         )
+        await _mark_flush(conn, store, "*" if domain is None else domain.lower().rstrip("."), now)
     return int(res.rowcount)
+
+
+# ``queue retry --domain D | --all`` also lifts delivery's suspension of the destination
+# (relay/delivery/destinations.py), as ``postqueue -f`` does Postfix's dead sites: the
+# operator says the cause is fixed. The command may run in another process than
+# delivery, so the request is a row delivery reads: destination ("*": all) -> time.
+FLUSH_KEY = "delivery.flush"
+FLUSH_KEEP = 86400.0  # a request older than any suspension is forgotten
+
+
+async def _mark_flush(conn: Any, store: Store, name: str, now: float) -> None:
+    found = (
+        await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == FLUSH_KEY))
+    ).scalar()
+    marks = _flushes(found)
+    marks = {k: v for k, v in marks.items() if v > now - FLUSH_KEEP}
+    marks[name] = now
+    value = json.dumps(marks, sort_keys=True)
+    stmt = dialect.upsert_insert(store.dialect, schema_meta).values(key=FLUSH_KEY, value=value)
+    await conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+
+
+def _flushes(value: str | None) -> dict[str, float]:
+    try:
+        marks = json.loads(value) if value else {}
+        return {str(k): float(v) for k, v in marks.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+async def flushed_since(store: Store, name: str, since: float) -> bool:
+    """Did an operator ask to retry the destination (or everything) after ``since``?"""
+    async with store._read() as conn:
+        found = (
+            await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == FLUSH_KEY))
+        ).scalar()
+    marks = _flushes(found)
+    return max(marks.get(name, 0.0), marks.get("*", 0.0)) > since
 
 
 async def delete_domain(store: Store, domain: str, status: RecipientStatus | None = None) -> int:

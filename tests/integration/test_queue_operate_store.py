@@ -7,7 +7,7 @@ import pytest
 from relay.model import Outcome, RecipientStatus
 from relay.queue import operate
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
-from tests.support.store import Clock
+from tests.support.store import Clock, clock_of
 
 HOUR = 3600.0
 
@@ -87,3 +87,24 @@ async def test_delete_by_domain_drops_waiting_rows_in_chunks_each_with_its_event
     shape = await operate.shape(store)
     assert [(d.domain, d.total, d.by_status["deferred"]) for d in shape] == [("live.test", n, n)]
     assert shape[0].by_age[0] == n and shape[0].top_reply == "451 4.7.1 later"
+
+
+async def test_a_retry_by_domain_or_of_all_is_a_flush_request_delivery_can_see(
+    store: Store,
+) -> None:
+    clock = clock_of(store)
+    before = clock.now
+    assert not await operate.flushed_since(store, "dead.example", before - 1)
+    clock.now += 10
+    await operate.retry_domain(store, "Dead.Example.")
+    assert await operate.flushed_since(store, "dead.example", before)
+    assert not await operate.flushed_since(store, "other.example", before)
+    assert not await operate.flushed_since(store, "dead.example", clock.now)  # not since
+    clock.now += 10
+    await operate.retry_domain(store, None)  # --all: every destination
+    assert await operate.flushed_since(store, "other.example", clock.now - 1)
+    # A request older than a day is forgotten when the next one is written.
+    clock.now += 2 * 86400
+    await operate.retry_domain(store, "new.example")
+    assert not await operate.flushed_since(store, "dead.example", 0)
+    assert await operate.flushed_since(store, "new.example", clock.now - 1)

@@ -130,6 +130,9 @@ class _SinkSMTP(SMTP):
             with self._sink._lock:
                 self._sink.connections += 1
                 self._sink._live.add(self)
+                self._sink.peak_connections = max(
+                    self._sink.peak_connections, len(self._sink._live)
+                )
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -165,6 +168,7 @@ class SMTPSink:
         self.messages: list[Received] = []
         self.rcpt_attempts: list[str] = []
         self.connections = 0
+        self.peak_connections = 0  # most connections open at once
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._live: set[_SinkSMTP] = set()
@@ -357,6 +361,7 @@ class SMTPSink:
             self.messages.clear()
             self.rcpt_attempts.clear()
             self.connections = 0
+            self.peak_connections = 0
         self.clear_replies()
 
     # ------------------------------------------------------------------ waiting

@@ -102,3 +102,14 @@ def test_records_are_kept_a_quarter_and_never_less_than_what_reads_them(tmp_path
     assert load_config(write(tmp_path, "retention:\n  records: 691200\n")).retention.records == (
         8 * 86400
     )
+
+
+def test_destination_limits_default_to_postfixs_and_refuse_nonsense(tmp_path: Path) -> None:
+    d = load_config(write(tmp_path, "")).delivery
+    assert (d.destination_concurrency, d.destination_suspend, d.active_limit) == (20, True, 10_000)
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            write(tmp_path, "delivery:\n  destination_concurrency: 0\n  active_limit: 100\n")
+        )
+    assert "delivery.destination_concurrency: must be >= 1" in str(exc.value)
+    assert "delivery.active_limit: must be >= delivery.batch_size" in str(exc.value)

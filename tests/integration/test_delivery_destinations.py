@@ -1,0 +1,124 @@
+"""Per-destination limits in a running relay: a destination's sessions are capped while
+mail to others goes past, and a destination that cannot be reached is suspended."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+from tests.integration.test_operations_metrics import scrape, value
+from tests.support.dnsserver import DNSServer
+from tests.support.relayproc import MakeRelay, RelayProcess, send_one
+from tests.support.sink import SMTPSink
+
+
+def _status(relay: RelayProcess, qid: str, word: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = relay.cli("status", qid).stdout
+        if word in out:
+            return out
+        time.sleep(0.2)
+    raise AssertionError(f"status of {qid} never showed {word!r}:\n{out}")
+
+
+class _Closer:
+    """An MX host that takes each connection and closes it at once, counting them."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_server((host, port))
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+async def test_a_destination_gets_its_sessions_only_and_other_mail_goes_past(
+    make_relay: MakeRelay, sink: SMTPSink, dns_server: DNSServer
+) -> None:
+    other = SMTPSink(host="127.0.0.4", port=sink.port).start()
+    dns_server.add("other.example", "MX", "10 mx.other.example.")
+    dns_server.add("mx.other.example", "A", "127.0.0.4")
+    sink.set_data_delay(0.5)  # example.org is slow: 12 messages, 2 at a time, >= 3 s
+    relay = make_relay(
+        {
+            "delivery": {
+                "concurrency": 3,
+                "destination_concurrency": 2,
+                "messages_per_connection": 1,
+                "connection_cache_time": 0,
+            }
+        }
+    )
+    relay.setup()
+    relay.start()
+    try:
+        for i in range(12):
+            await send_one(relay, f"r{i}@example.org")
+        await send_one(relay, "x@other.example")
+        # Three workers, two of them on example.org: the third takes other.example's
+        # mail while example.org's other ten wait for its two sessions.
+        other.wait_for(1)
+        assert len(sink.messages) < 8
+        assert len(sink.wait_for(12)) == 12
+        assert sink.peak_connections == 2
+    finally:
+        other.stop()
+
+
+async def test_an_unreachable_destination_is_suspended_and_its_mail_deferred_untried(
+    make_relay: MakeRelay, sink: SMTPSink, dns_server: DNSServer
+) -> None:
+    dns_server.add("dead.example", "MX", "10 mx.dead.example.")
+    dns_server.add("mx.dead.example", "A", "127.0.0.3")
+    closer = _Closer("127.0.0.3", sink.port)
+    # Suspended for retry_first: long enough to see mail deferred without a try.
+    relay = make_relay({"delivery": {"retry_first": 20, "retry_max": 40}})
+    relay.setup()
+    relay.start()
+    try:
+        first = await send_one(relay, "a@dead.example")
+        relay.wait_for_log(r"delivery to dead\.example suspended for 20 s: no MX host")
+        assert "Connection to mx.dead.example" in _status(relay, first, "deferred")
+        tried = closer.connections
+        assert tried >= 1
+
+        second = await send_one(relay, "b@dead.example")
+        shown = _status(relay, second, "temporarily suspended")
+        assert "Delivery to dead.example temporarily suspended: 4.4.1" in shown
+        assert closer.connections == tried  # no connection was made for it
+        metrics = scrape(f"{relay.http_url}/metrics")
+        assert value(metrics, "relay_delivery_suspended_total") == 1
+
+        # Other destinations are not held up by it.
+        await send_one(relay, "c@example.org")
+        sink.wait_for(1)
+
+        # The operator's retry of the destination lifts the suspension at once, as
+        # `postqueue -f` does Postfix's dead sites (also from another process: the CLI).
+        relay.cli("queue", "retry", "--domain", "dead.example")
+        for _ in range(100):
+            if closer.connections > tried:
+                break
+            await asyncio.sleep(0.1)
+        assert closer.connections > tried
+    finally:
+        closer.close()
