@@ -95,14 +95,19 @@ async def test_messages_larger_than_the_prepare_ahead_go_out_whole_and_signed_in
     # Each ~660 KB message is a prepare-ahead chunk of its own (worker.PREPARE_AHEAD_BYTES
     # is 512 KB): the session takes them one by one as the next is signed, and every one
     # arrives whole, once, with a valid signature.
-    relay = make_relay({"delivery": {"claim_delay": 2.0, "connection_cache_time": 0}})
+    # The claim waits 6 s after the first accept, so that all four (2.6 MB, submitted at
+    # once) are claimed together even on a machine busy with other tests (2 s was not).
+    relay = make_relay({"delivery": {"claim_delay": 6.0, "connection_cache_time": 0}})
     relay.setup()
     relay.start()
     line = "0123456789abcdef" * 4 + "\n"
-    for i in range(4):
+
+    async def one(i: int) -> None:
         rcpt = f"big{i}@example.org"
         msg = make_message("a@example.com", [rcpt], subject=f"big {i}", body=line * 10000)
         await submit(relay.submission_port, sender="a@example.com", recipients=[rcpt], data=msg)
+
+    await asyncio.gather(*(one(i) for i in range(4)))
     got = sink.wait_for(4)
     assert sorted(r for m in got for r in m.rcpt_tos) == [f"big{i}@example.org" for i in range(4)]
     assert len({m.peer for m in got}) == 1, [m.peer for m in got]
