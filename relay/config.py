@@ -119,6 +119,14 @@ class DeliveryConfig:
     # (relay/delivery/destinations.py), as Postfix's dead destination waits out its
     # minimal_backoff_time. false: always try.
     destination_suspend: bool = True
+    # MTA-STS (RFC 8461, relay/delivery/mtasts.py): a recipient domain that publishes a
+    # policy in enforce mode gets its mail only over TLS with a certificate valid for an
+    # MX host its policy lists. On by default, as KumoMTA has it. The policy's HTTPS port
+    # is configurable for tests (as delivery.port is); tls_ca_file adds trusted CAs to
+    # the system's for that check (a private CA, or a test's).
+    mta_sts: bool = True
+    mta_sts_port: int = 443
+    tls_ca_file: str | None = None
     # Recipients one node holds leased at once, delivering or waiting for their
     # destination: Postfix's active queue (qmgr_message_recipient_limit, 20,000).
     active_limit: int = 10_000
@@ -412,7 +420,7 @@ _HOSTPORT_FIELDS = {
 }
 _OPTIONAL_STR_FIELDS = {"tls.cert", "tls.key", "http.public_url"}
 _OPTIONAL_STR_FIELDS |= {"api.admin_key", "tracking.public_url"}
-_OPTIONAL_STR_FIELDS |= {"domains.spf_include", "domains.bounce_host"}
+_OPTIONAL_STR_FIELDS |= {"domains.spf_include", "domains.bounce_host", "delivery.tls_ca_file"}
 _OPTIONAL_STR_FIELDS |= {
     "reputation.bounce_domain",
     "reputation.public_url",

@@ -225,6 +225,14 @@ DELIVERY_SUSPENDED = Counter(
     "after no MX host of it could be reached (delivery.destination_suspend)",
     registry=REGISTRY,
 )
+MTA_STS = Counter(
+    "relay_delivery_mta_sts_total",
+    "Delivery sessions under a recipient domain's MTA-STS policy: enforced (verified TLS "
+    "to a listed MX), refused (no MX listed: deferred), testing_mismatch (testing mode, "
+    "an MX not listed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 BODIES_PURGED = Counter(
     "relay_retention_bodies_purged_total",
     "Message bodies emptied by the retention sweep (every recipient final, older than "
@@ -317,6 +325,10 @@ def delivery_session_reused() -> None:
 
 def delivery_suspended(count: int) -> None:
     DELIVERY_SUSPENDED.inc(count)
+
+
+def mta_sts(outcome: str) -> None:
+    MTA_STS.labels(outcome).inc()
 
 
 def dns_failure(kind: str) -> None:

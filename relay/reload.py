@@ -44,6 +44,7 @@ RESTART_ONLY = (
     "http.listen",
     "metrics",
     "delivery.concurrency",
+    "delivery.tls_ca_file",
     "smtp.max_message_size",
     "smtp.timeout",
     "shutdown",
@@ -141,7 +142,11 @@ def apply(app: RelayApp, new: Config) -> None:
         listen=old.listen,
         http=dataclasses.replace(new.http, listen=old.http.listen),
         metrics=old.metrics,
-        delivery=dataclasses.replace(new.delivery, concurrency=old.delivery.concurrency),
+        delivery=dataclasses.replace(
+            new.delivery,
+            concurrency=old.delivery.concurrency,
+            tls_ca_file=old.delivery.tls_ca_file,
+        ),
         smtp=dataclasses.replace(
             new.smtp, max_message_size=old.smtp.max_message_size, timeout=old.smtp.timeout
         ),

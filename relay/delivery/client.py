@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from relay import metrics
+from relay.delivery.mtasts import verifying_context
 from relay.delivery.mx import Target
 from relay.delivery.smtpclient import Reply, ReplyError, SessionBroken, SMTPConnection
 from relay.model import Outcome, RecipientStatus
@@ -93,11 +94,13 @@ def classify(code: int, text: str, mx: str | None, tls: bool) -> Outcome:
 
 # Sessions are shared by destinations with the same MX hosts (as Postfix shares by
 # address): the (name, port) of each target, in order.
-CacheKey = tuple[tuple[str, int], ...]
+# A session opened with a verified certificate (MTA-STS) is never reused for one that
+# needs none, nor the other way round: the flag is part of the key.
+CacheKey = tuple[bool, tuple[tuple[str, int], ...]]
 
 
-def _cache_key(targets: Sequence[Target]) -> CacheKey:
-    return tuple((t.name, t.port) for t in targets)
+def _cache_key(targets: Sequence[Target], verify: bool = False) -> CacheKey:
+    return verify, tuple((t.name, t.port) for t in targets)
 
 
 @dataclass(eq=False)
@@ -127,6 +130,7 @@ class DestinationSession:
         cache_time: float = 2.0,
         reuse_time: float = 300.0,
         max_idle: int = 50,
+        ca_file: str | None = None,
     ) -> None:
         self.helo = helo
         self.require_tls = require_tls
@@ -137,6 +141,8 @@ class DestinationSession:
         self.reuse_time = reuse_time
         self.max_idle = max_idle
         self._tls = _client_tls()
+        # MTA-STS (mtasts.py): the chain must verify and the name match (RFC 8461 §4.2).
+        self._verified = verifying_context(ca_file)
         self._idle: dict[CacheKey, list[_Idle]] = {}
 
     @property
@@ -190,8 +196,13 @@ class DestinationSession:
                     entry.expiry.cancel()
                 self._expire(key, entry)
 
-    async def _open(self, targets: Sequence[Target]) -> tuple[SMTPConnection, str, bool] | Outcome:
-        """Connect to the first target that answers 2xx; an Outcome when none does."""
+    async def _open(
+        self, targets: Sequence[Target], verify: bool = False
+    ) -> tuple[SMTPConnection, str, bool] | Outcome:
+        """Connect to the first target that answers 2xx; an Outcome when none does.
+
+        ``verify`` (the domain's MTA-STS policy is enforced): a target must offer
+        STARTTLS and show a certificate valid for its MX name, or it is skipped."""
         last = Outcome(RecipientStatus.DEFERRED, "4.4.1 No MX host could be reached", None)
         for target in targets:
             for addr in target.addresses:
@@ -207,9 +218,18 @@ class DestinationSession:
                     await client.ehlo(self.helo)
                     tls = False
                     if client.supports("STARTTLS"):
-                        await client.starttls(self._tls, target.name)
+                        await client.starttls(self._verified if verify else self._tls, target.name)
                         await client.ehlo(self.helo)
                         tls = True
+                    elif verify:
+                        await client.quit()
+                        last = Outcome(
+                            RecipientStatus.DEFERRED,
+                            f"4.7.5 {target.name} does not offer STARTTLS, which its domain's"
+                            " MTA-STS policy requires",
+                            target.name,
+                        )
+                        continue
                     elif self.require_tls:
                         await client.quit()
                         last = Outcome(
@@ -228,6 +248,13 @@ class DestinationSession:
                         target.name,
                         code=exc.code,
                     )
+                except ssl.SSLCertVerificationError as exc:
+                    last = Outcome(
+                        RecipientStatus.DEFERRED,
+                        f"4.7.5 Certificate of {target.name} does not verify"
+                        f" ({exc.verify_message}), which its domain's MTA-STS policy requires",
+                        target.name,
+                    )
                 except (SessionBroken, OSError, TimeoutError) as exc:
                     last = Outcome(
                         RecipientStatus.DEFERRED,
@@ -245,12 +272,14 @@ class DestinationSession:
         envelopes: Sequence[Envelope] | AsyncIterator[Envelope],
         on_done: Callable[[Envelope], None] | None = None,
         on_open: Callable[[], None] | None = None,
+        verify: bool = False,
     ) -> Outcome | None:
         """Deliver each envelope over one session; fill in every recipient's outcome.
 
         Returns why, when no MX host could be reached (every envelope is deferred or
         bounced with it); None once a session was had. ``on_open`` is called for each
-        session opened or taken from the cache.
+        session opened or taken from the cache. ``verify``: TLS with a certificate valid
+        for the MX name is required (MTA-STS, see _open).
 
         ``envelopes`` may be an async iterator: each is then taken only when the session
         is ready to send it, so the caller need not hold a whole session's prepared
@@ -263,13 +292,13 @@ class DestinationSession:
         pending = _Pending(envelopes)
         done = on_done or (lambda _env: None)
         reconnects = 0
-        key = _cache_key(targets)
+        key = _cache_key(targets, verify)
         while await pending.first() is not None:
             parked = self._take(key)
             if parked is not None:
                 client, mx, tls = parked.client, parked.mx, parked.tls
             else:
-                opened = await self._open(targets)
+                opened = await self._open(targets, verify)
                 if isinstance(opened, Outcome):
                     for env in await pending.rest():
                         for rid, _ in env.recipients:

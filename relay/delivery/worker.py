@@ -20,6 +20,7 @@ from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
 from relay.delivery.destinations import Destinations
 from relay.delivery.dsn import build_dsn
+from relay.delivery.mtasts import Mode, PolicyCache
 from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
 from relay.delivery.render import Rendered
 from relay.delivery.render import Renderer as ReputationRenderer
@@ -74,6 +75,13 @@ class DeliveryWorker:
             cache_time=cfg.connection_cache_time,
             reuse_time=cfg.connection_reuse_time,
             max_idle=cfg.concurrency,
+            ca_file=cfg.tls_ca_file,
+        )
+        self.mta_sts = PolicyCache(
+            lambda: self.resolver.resolver,
+            lambda: self.cfg.mta_sts_port,
+            cfg.tls_ca_file,
+            timeout=cfg.connect_timeout,
         )
         self._wake = asyncio.Event()
         self._stopping = False
@@ -304,6 +312,32 @@ class DeliveryWorker:
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
             await self._record(claims, {c.recipient_id: o for c in claims})
             return
+        verify = False
+        if self.cfg.mta_sts and rcpt_domain not in self.resolver.routes:
+            policy = await self.mta_sts.policy(rcpt_domain)
+            if policy is not None and policy.mode is not Mode.NONE:
+                allowed = [t for t in targets if policy.allows(t.name)]
+                if policy.mode is Mode.ENFORCE:
+                    if not allowed:
+                        metrics.mta_sts("refused")
+                        o = Outcome(
+                            RecipientStatus.DEFERRED,
+                            f"4.7.5 The MTA-STS policy of {rcpt_domain} lists none of its MX"
+                            f" hosts ({', '.join(t.name for t in targets)}; policy:"
+                            f" {', '.join(policy.mx)})",
+                        )
+                        await self._record(claims, {c.recipient_id: o for c in claims})
+                        return
+                    metrics.mta_sts("enforced")
+                    targets, verify = allowed, True
+                elif len(allowed) < len(targets):
+                    metrics.mta_sts("testing_mismatch")
+                    log.warning(
+                        "mta-sts testing: MX hosts of %s not in its policy (%s): %s",
+                        rcpt_domain,
+                        ", ".join(policy.mx),
+                        ", ".join(t.name for t in targets if t not in allowed),
+                    )
         by_id = {c.recipient_id: c for c in claims}
         by_message: dict[str, list[Claim]] = defaultdict(list)
         for c in claims:
@@ -320,7 +354,11 @@ class DeliveryWorker:
 
         try:
             unreachable = await self.session.deliver(
-                targets, ahead, on_done=done, on_open=lambda: self.destinations.reached(rcpt_domain)
+                targets,
+                ahead,
+                on_done=done,
+                on_open=lambda: self.destinations.reached(rcpt_domain),
+                verify=verify,
             )
         finally:
             ahead.close()
@@ -456,6 +494,7 @@ class DeliveryWorker:
         self.wake()
         await drain(self._tasks, grace)
         self.session.close_idle()
+        await self.mta_sts.close()
         # Anything still leased by us goes back to the queue now, not after lease expiry.
         with contextlib.suppress(StoreUnavailable):
             for ids in _batches(sorted(self._inflight)):

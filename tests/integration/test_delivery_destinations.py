@@ -6,23 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 
 from tests.integration.test_operations_metrics import scrape, value
 from tests.support.dnsserver import DNSServer
-from tests.support.relayproc import MakeRelay, RelayProcess, send_one
+from tests.support.relayproc import MakeRelay, send_one, wait_status
 from tests.support.sink import SMTPSink
-
-
-def _status(relay: RelayProcess, qid: str, word: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = relay.cli("status", qid).stdout
-        if word in out:
-            return out
-        time.sleep(0.2)
-    raise AssertionError(f"status of {qid} never showed {word!r}:\n{out}")
 
 
 class _Closer:
@@ -97,12 +85,12 @@ async def test_an_unreachable_destination_is_suspended_and_its_mail_deferred_unt
     try:
         first = await send_one(relay, "a@dead.example")
         relay.wait_for_log(r"delivery to dead\.example suspended for 20 s: no MX host")
-        assert "Connection to mx.dead.example" in _status(relay, first, "deferred")
+        assert "Connection to mx.dead.example" in wait_status(relay, first, "deferred")
         tried = closer.connections
         assert tried >= 1
 
         second = await send_one(relay, "b@dead.example")
-        shown = _status(relay, second, "temporarily suspended")
+        shown = wait_status(relay, second, "temporarily suspended")
         assert "Delivery to dead.example temporarily suspended: 4.4.1" in shown
         assert closer.connections == tried  # no connection was made for it
         metrics = scrape(f"{relay.http_url}/metrics")

@@ -548,6 +548,18 @@ def submit_sync(port: int, **kwargs: Any) -> tuple[dict[str, aiosmtplib.SMTPResp
 _QUEUE_ID = re.compile(r"queued as <?([A-Za-z0-9._:-]+)>?")
 
 
+def wait_status(relay: RelayProcess, qid: str, word: str, timeout: float = 30) -> str:
+    """``relay status QID`` once it shows ``word`` (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = relay.cli("status", qid).stdout
+        if word in out:
+            return out
+        time.sleep(0.2)
+    raise AssertionError(f"status of {qid} never showed {word!r}:\n{out}")
+
+
 async def send_one(relay: RelayProcess, rcpt: str, sender: str = "a@example.com") -> str:
     """Submit one message to ``rcpt`` (subject "to RCPT"); its queue id."""
     msg = make_message(sender, [rcpt], subject=f"to {rcpt}")
