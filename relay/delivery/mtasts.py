@@ -9,9 +9,10 @@ one; Postfix needs a separate resolver daemon for it, KumoMTA has it built in, a
 Discovery (§3): a TXT record ``_mta-sts.<domain>`` "v=STSv1; id=..." says a policy
 exists; the policy itself is fetched over HTTPS from
 ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (a valid WebPKI certificate for that
-name, no redirects, §3.3). It is cached for its ``max_age``, refetched when the TXT id
-changes, and kept when the TXT record or the fetch fails meanwhile (§5.1: that is the
-point of caching: an attacker who blocks the fetch must not downgrade the domain).
+name, no redirects, §3.3). It is cached for its ``max_age``, in memory and in the
+database (relay/queue/mtasts.py: across restarts, shared by nodes), refetched when the
+TXT id changes, and kept when the TXT record or the fetch fails meanwhile (§5.1: that is
+the point of caching: an attacker who blocks the fetch must not downgrade the domain).
 
 Names are resolved by delivery's own resolver (``dns.nameservers``), never the system's,
 and the HTTPS port is ``delivery.mta_sts_port`` (443; tests point it at their server).
@@ -28,12 +29,17 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+from relay.errors import RelayError
+from relay.queue import mtasts as sql
+from relay.queue.store import Store
 
 log = logging.getLogger("relay.delivery")
 
@@ -164,6 +170,14 @@ class _DNSResolver(AbstractResolver):
         return None
 
 
+class PolicyStore(Protocol):
+    """Where policies outlive the process (relay/queue/mtasts.py through the worker)."""
+
+    async def load(self, domain: str) -> tuple[Policy, float] | None: ...
+
+    async def save(self, domain: str, policy: Policy, expires_at: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Cached:
     policy: Policy | None  # None: no policy (negative entry)
@@ -179,13 +193,15 @@ class PolicyCache:
         port: Callable[[], int] = lambda: 443,
         ca_file: str | None = None,
         timeout: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        kept: PolicyStore | None = None,
     ) -> None:
         # Callables: a reload may replace delivery's resolver and change the port.
         self.resolver = resolver
         self.port = port
         self.timeout = timeout
-        self.clock = clock
+        self.clock = clock  # wall-clock: expiry times are kept in the database
+        self.kept = kept
         # §3.3: the policy host's certificate must be valid for its name (WebPKI).
         self._tls = verifying_context(ca_file)
         self._cache: dict[str, _Cached] = {}
@@ -207,6 +223,15 @@ class PolicyCache:
     async def _policy(self, domain: str) -> Policy | None:
         now = self.clock()
         cached = self._cache.get(domain)
+        if cached is None and self.kept is not None:
+            # A restart, or a policy another node fetched: still in force until it expires.
+            try:
+                stored = await self.kept.load(domain)
+            except RelayError as exc:
+                log.warning("mta-sts: kept policy of %s could not be read: %s", domain, exc)
+                stored = None
+            if stored is not None:
+                cached = self._cache[domain] = _Cached(stored[0], stored[1])
         if cached is not None and cached.policy is None and cached.expires > now:
             return None
         live = cached.policy if cached is not None and cached.expires > now else None
@@ -233,6 +258,11 @@ class PolicyCache:
                 self._cache[domain] = _Cached(None, now + NEGATIVE_TTL)
             return live
         self._cache[domain] = _Cached(fetched, now + fetched.max_age)
+        if self.kept is not None:
+            try:
+                await self.kept.save(domain, fetched, now + fetched.max_age)
+            except RelayError as exc:
+                log.warning("mta-sts: policy of %s could not be kept: %s", domain, exc)
         log.info(
             "mta-sts: policy of %s: mode=%s mx=%s max_age=%d",
             domain,
@@ -278,3 +308,24 @@ class PolicyCache:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+class KeptPolicies:
+    """Policies kept in the database (relay/queue/mtasts.py): a PolicyStore."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def load(self, domain: str) -> tuple[Policy, float] | None:
+        found = await sql.load(self.store, domain)
+        if found is None:
+            return None
+        try:
+            mode = Mode(found.mode)
+        except ValueError:
+            return None
+        return Policy(found.policy_id, mode, found.mx, found.max_age), found.expires_at
+
+    async def save(self, domain: str, policy: Policy, expires_at: float) -> None:
+        kept = sql.StoredPolicy(policy.id, policy.mode.value, policy.mx, policy.max_age, expires_at)
+        await sql.save(self.store, domain, kept)

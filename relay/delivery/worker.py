@@ -20,7 +20,7 @@ from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
 from relay.delivery.destinations import Destinations
 from relay.delivery.dsn import build_dsn
-from relay.delivery.mtasts import Mode, PolicyCache
+from relay.delivery.mtasts import KeptPolicies, Mode, PolicyCache
 from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
 from relay.delivery.render import Rendered
 from relay.delivery.render import Renderer as ReputationRenderer
@@ -82,6 +82,8 @@ class DeliveryWorker:
             lambda: self.cfg.mta_sts_port,
             cfg.tls_ca_file,
             timeout=cfg.connect_timeout,
+            clock=clock,
+            kept=KeptPolicies(store),
         )
         self._wake = asyncio.Event()
         self._stopping = False

@@ -13,7 +13,7 @@ metadata = sa.MetaData()
 # The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
 # are. Store.check_schema compares the database with it without loading Alembic; a
 # migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
-SCHEMA_HEAD: tuple[str, ...] = ("0002",)
+SCHEMA_HEAD: tuple[str, ...] = ("0003",)
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -336,4 +336,19 @@ stats_day = sa.Table(
     sa.Column("sender_domain", sa.String(255), primary_key=True),
     sa.Column("kind", sa.String(32), primary_key=True),
     sa.Column("n", sa.Integer, nullable=False),
+)
+
+# mta_sts_policy: each recipient domain's last fetched MTA-STS policy (RFC 8461 §5.1:
+# kept until it expires, so that blocking the next fetch, or a restart, cannot turn
+# it off; relay/delivery/mtasts.py). Times are wall-clock seconds.
+mta_sts_policy = sa.Table(
+    "mta_sts_policy",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("policy_id", sa.String(32), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("mx", sa.Text, nullable=False),  # one pattern a line
+    sa.Column("max_age", sa.Integer, nullable=False),
+    sa.Column("fetched_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )

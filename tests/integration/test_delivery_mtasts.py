@@ -171,3 +171,23 @@ async def test_a_domain_without_a_policy_is_delivered_as_before(
     sink.wait_for(1)
     wait_status(relay, qid, "delivered")
     assert server.fetches == []
+
+
+async def test_a_policy_stays_in_force_across_a_restart_when_it_cannot_be_fetched_again(
+    world: tuple[RelayProcess, SMTPSink, PolicyServer], sink: SMTPSink
+) -> None:
+    # RFC 8461 §5.1: an attacker who blocks the policy fetch must not turn the policy off,
+    # and a restart must not either: the policy is kept in the database until max_age.
+    relay, _good, server = world
+    first = await send_one(relay, "a@badcert.example")
+    wait_status(relay, first, "MTA-STS")
+    relay.restart()
+    server.policies.clear()  # every fetch now fails (404)
+    fetches = len(server.fetches)
+
+    again = await send_one(relay, "b@badcert.example")
+    shown = wait_status(relay, again, "deferred")
+    assert "4.7.5 Certificate of mx.badcert.example does not verify" in shown
+    assert not sink.messages
+    # The TXT id is unchanged, so the kept policy was used without a fetch at all.
+    assert len(server.fetches) == fetches

@@ -222,10 +222,13 @@ async def test_two_nodes_sweeping_at_once_count_each_day_once(store: Store, db_u
     assert total == 18
 
 
-async def test_relay_migrate_adds_the_rollup_to_a_database_made_before_it(store: Store) -> None:
+async def test_relay_migrate_adds_what_came_after_0001_to_a_database_made_before(
+    store: Store,
+) -> None:
     async with store._write() as conn:
         for ddl in (
             "DROP TABLE stats_day",
+            "DROP TABLE mta_sts_policy",
             "DROP INDEX ix_bounce_log_at",
             "DROP INDEX ix_webhook_delivery_created",
             "UPDATE alembic_version SET version_num = '0001'",
@@ -234,7 +237,7 @@ async def test_relay_migrate_adds_the_rollup_to_a_database_made_before_it(store:
     with pytest.raises(NotMigrated, match="relay migrate"):
         await store.check_schema()
 
-    assert await store.migrate() == "0002"
+    assert await store.migrate() == "0003"
     await store.check_schema()
 
     def shape(sync_conn: sa.Connection) -> tuple[bool, set[str]]:
@@ -244,7 +247,8 @@ async def test_relay_migrate_adds_the_rollup_to_a_database_made_before_it(store:
             for table in ("bounce_log", "webhook_delivery")
             for ix in inspector.get_indexes(table)
         }
-        return inspector.has_table("stats_day"), {str(n) for n in names}
+        tables = inspector.has_table("stats_day") and inspector.has_table("mta_sts_policy")
+        return tables, {str(n) for n in names}
 
     async with store._read() as conn:
         has_table, indexes = await conn.run_sync(shape)
