@@ -177,6 +177,7 @@ class RelayApp:
             render=OpenTracker(self.store, cfg.tracking, tracking_base_url(cfg)).render,
         )
         self._worker_task = asyncio.create_task(self.worker.run())
+        self.http.ctx.extras["destinations"] = self.worker.destinations  # the queue API
         # Webhooks: own task, own concurrency and timeouts; never holds a delivery slot.
         self.webhooks = WebhookDispatcher(self.store, cfg.webhooks, self.owner)
         self._webhooks_task = asyncio.create_task(self.webhooks.run())

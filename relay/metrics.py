@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -404,6 +404,30 @@ QUEUE = QueueCollector()
 REGISTRY.register(QUEUE)
 
 
+class SuspendedCollector:
+    """relay_delivery_destinations_suspended, read from the delivery worker at scrape time
+    (main process only; a collector, as the queue gauges, because a Gauge with a function
+    cannot be summed across processes)."""
+
+    def __init__(self) -> None:
+        self.count: Callable[[], int] | None = None
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily(
+            "relay_delivery_destinations_suspended",
+            "Recipient domains whose delivery is suspended now (no MX host reachable)",
+        )
+        g.add_metric([], float(self.count() if self.count is not None else 0))
+        yield g
+
+
+SUSPENDED = SuspendedCollector()
+REGISTRY.register(SUSPENDED)
+
+
 def render() -> bytes:
     """The text exposition of every relay metric."""
     if _MULTIPROC_DIR is None:
@@ -422,3 +446,4 @@ if _MULTIPROC_DIR is not None:
     ProcessCollector(registry=_LOCAL)
     PlatformCollector(registry=_LOCAL)
     _LOCAL.register(QUEUE)
+    _LOCAL.register(SUSPENDED)

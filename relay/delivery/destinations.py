@@ -101,6 +101,15 @@ class Destinations:
             return None
         return hit
 
+    def snapshot(self) -> list[tuple[str, float, str]]:
+        """(destination, seconds left, reason) of each suspension in force now."""
+        now = self._clock()
+        return sorted(
+            (name, hit.until - now, hit.reason)
+            for name, hit in self._suspended.items()
+            if hit.until > now
+        )
+
     def lift(self, name: str) -> None:
         """End the destination's suspension (an operator's retry)."""
         self._suspended.pop(name, None)

@@ -93,6 +93,7 @@ class DeliveryWorker:
             lambda: self.cfg.retry_first if self.cfg.destination_suspend else 0.0,
             wall=clock,
         )
+        metrics.SUSPENDED.count = lambda: len(self.destinations.snapshot())
         # Sessions past their destination's gate: delivering, or waiting for a worker.
         self._admitted = 0
         self._tasks: set[asyncio.Task[None]] = set()

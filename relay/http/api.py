@@ -410,11 +410,20 @@ async def list_accounts(request: web.Request) -> web.Response:
 async def queue_summary(request: web.Request) -> web.Response:
     """Waiting mail by destination domain (``relay queue summary``)."""
     require_admin(await caller(request))
-    domains = await operate.shape(request.app[CONTEXT].store)
+    ctx = request.app[CONTEXT]
+    domains = await operate.shape(ctx.store)
     ages = [name for name, _ in operate.AGE_BUCKETS]
+    # Suspensions live in this process's delivery worker (relay/delivery/destinations.py).
+    found = ctx.extras.get("destinations")
+    now = ctx.store.clock()
+    suspended = [
+        {"domain": name, "until": rfc3339(now + left), "reason": reason}
+        for name, left, reason in (found.snapshot() if found is not None else [])
+    ]
     return web.json_response(
         {
             "total": sum(d.total for d in domains),
+            "suspended": suspended,
             "domains": [
                 {
                     "domain": d.domain,

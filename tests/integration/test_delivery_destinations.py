@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 
+from tests.integration.test_api_auth import ADMIN, call
 from tests.integration.test_operations_metrics import scrape, value
 from tests.support.dnsserver import DNSServer
 from tests.support.relayproc import MakeRelay, send_one, wait_status
@@ -79,7 +80,9 @@ async def test_an_unreachable_destination_is_suspended_and_its_mail_deferred_unt
     dns_server.add("mx.dead.example", "A", "127.0.0.3")
     closer = _Closer("127.0.0.3", sink.port)
     # Suspended for retry_first: long enough to see mail deferred without a try.
-    relay = make_relay({"delivery": {"retry_first": 20, "retry_max": 40}})
+    relay = make_relay(
+        {"delivery": {"retry_first": 20, "retry_max": 40}, "api": {"admin_key": ADMIN}}
+    )
     relay.setup()
     relay.start()
     try:
@@ -95,6 +98,14 @@ async def test_an_unreachable_destination_is_suspended_and_its_mail_deferred_unt
         assert closer.connections == tried  # no connection was made for it
         metrics = scrape(f"{relay.http_url}/metrics")
         assert value(metrics, "relay_delivery_suspended_total") == 1
+        assert value(metrics, "relay_delivery_destinations_suspended") == 1
+        # What an operator sees at 3 a.m.: which destination, until when, and why.
+        status, body = call(relay, "GET", "/api/v1/queue", ADMIN)
+        assert status == 200
+        (suspended,) = body["suspended"]
+        assert suspended["domain"] == "dead.example"
+        assert suspended["reason"].startswith("4.4.1 Connection to mx.dead.example")
+        assert suspended["until"].endswith("Z")
 
         # Other destinations are not held up by it.
         await send_one(relay, "c@example.org")

@@ -55,8 +55,10 @@ async def test_an_unreachable_destination_is_suspended_for_the_window() -> None:
     assert dests.suspended("other.example") is None
     clock.now += 299
     assert dests.suspended("dead.example") == suspension
+    assert dests.snapshot() == [("dead.example", 1.0, "4.4.1 refused")]
     clock.now += 1
     assert dests.suspended("dead.example") is None
+    assert dests.snapshot() == []
 
 
 async def test_a_destination_that_answered_within_the_window_is_not_suspended() -> None:
