@@ -50,6 +50,9 @@ MAX_AGE_LIMIT = 31_557_600
 # A failed discovery or fetch for a domain with no cached policy is retried after this,
 # not on every session (the domain then gets opportunistic TLS, as without a policy).
 NEGATIVE_TTL = 300.0
+# A cached policy's TXT id is looked up again (§5.1: has the policy changed?) at most this
+# often, not for every session: a busy destination would otherwise cost a DNS query each.
+TXT_RECHECK = 300.0
 PRUNE_AT = 10_000  # domains remembered before the expired ones are dropped
 
 
@@ -182,6 +185,7 @@ class PolicyStore(Protocol):
 class _Cached:
     policy: Policy | None  # None: no policy (negative entry)
     expires: float  # on the clock below
+    checked: float = 0.0  # when the TXT id was last seen to match (0: never)
 
 
 class PolicyCache:
@@ -235,6 +239,8 @@ class PolicyCache:
         if cached is not None and cached.policy is None and cached.expires > now:
             return None
         live = cached.policy if cached is not None and cached.expires > now else None
+        if live is not None and cached is not None and now - cached.checked < TXT_RECHECK:
+            return live  # the TXT id was checked moments ago: no query per session
         try:
             txt_id = await self._txt_id(domain)
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
@@ -248,7 +254,8 @@ class PolicyCache:
             if live is None:
                 self._cache[domain] = _Cached(None, now + NEGATIVE_TTL)
             return live
-        if live is not None and live.id == txt_id:
+        if live is not None and cached is not None and live.id == txt_id:
+            self._cache[domain] = _Cached(live, cached.expires, now)
             return live
         try:
             fetched = await self._fetch(domain, txt_id)
@@ -257,7 +264,7 @@ class PolicyCache:
             if live is None:
                 self._cache[domain] = _Cached(None, now + NEGATIVE_TTL)
             return live
-        self._cache[domain] = _Cached(fetched, now + fetched.max_age)
+        self._cache[domain] = _Cached(fetched, now + fetched.max_age, now)
         if self.kept is not None:
             try:
                 await self.kept.save(domain, fetched, now + fetched.max_age)

@@ -122,7 +122,7 @@ def world(
 
 
 async def test_an_enforced_policy_delivers_over_verified_tls_and_defers_what_it_forbids(
-    world: tuple[RelayProcess, SMTPSink, PolicyServer], sink: SMTPSink
+    world: tuple[RelayProcess, SMTPSink, PolicyServer], sink: SMTPSink, dns_server: DNSServer
 ) -> None:
     relay, good, server = world
 
@@ -156,11 +156,14 @@ async def test_an_enforced_policy_delivers_over_verified_tls_and_defers_what_it_
     assert value(metrics, "relay_delivery_mta_sts_total", outcome="refused") >= 1
     assert value(metrics, "relay_delivery_mta_sts_total", outcome="testing_mismatch") == 1
 
-    # The policy is cached: a second message to good.example fetches nothing new.
+    # The policy is cached: a second message to good.example fetches nothing new, and
+    # does not even ask for the TXT record again (checked at most every 5 minutes).
     fetched = server.fetches.count("good.example")
+    asked = dns_server.query_count("_mta-sts.good.example", "TXT")
     await send_one(relay, "e@good.example")
     good.wait_for(2)
     assert server.fetches.count("good.example") == fetched
+    assert dns_server.query_count("_mta-sts.good.example", "TXT") == asked
 
 
 async def test_a_domain_without_a_policy_is_delivered_as_before(
