@@ -291,12 +291,12 @@ class DeliveryWorker:
                         f"4.4.1 Delivery to {rcpt_domain} temporarily suspended:"
                         f" {suspension.reason}",
                     )
-                    await self._record(claims, {c.recipient_id: o for c in claims})
+                    await self._record_all(claims, o)
             except Exception:
                 log.exception("delivery to %s failed unexpectedly", rcpt_domain)
                 # Defer rather than lose: the lease would expire anyway, this is sooner.
                 outcome = Outcome(RecipientStatus.DEFERRED, "4.3.0 Internal error in relay")
-                await self._record(claims, {c.recipient_id: outcome for c in claims})
+                await self._record_all(claims, outcome)
             finally:
                 for c in claims:
                     self._inflight.discard(c.recipient_id)
@@ -308,12 +308,12 @@ class DeliveryWorker:
         except DNSPermanent as exc:
             metrics.dns_failure("permanent")  # metrics
             o = Outcome(RecipientStatus.BOUNCED, f"550 {exc.enhanced} {exc}", None, code=550)
-            await self._record(claims, {c.recipient_id: o for c in claims})
+            await self._record_all(claims, o)
             return
         except DNSTemporary as exc:
             metrics.dns_failure("temporary")  # metrics
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
-            await self._record(claims, {c.recipient_id: o for c in claims})
+            await self._record_all(claims, o)
             return
         verify = False
         if self.cfg.mta_sts and rcpt_domain not in self.resolver.routes:
@@ -329,7 +329,7 @@ class DeliveryWorker:
                             f" hosts ({', '.join(t.name for t in targets)}; policy:"
                             f" {', '.join(policy.mx)})",
                         )
-                        await self._record(claims, {c.recipient_id: o for c in claims})
+                        await self._record_all(claims, o)
                         return
                     metrics.mta_sts("enforced")
                     targets, verify = allowed, True
@@ -409,6 +409,10 @@ class DeliveryWorker:
         for env, data in zip(envelopes, signed, strict=True):
             env.data = data
         return envelopes
+
+    async def _record_all(self, claims: list[Claim], outcome: Outcome) -> None:
+        """The same outcome for every one of ``claims`` (a refusal before any session)."""
+        await self._record(claims, {c.recipient_id: outcome for c in claims})
 
     async def _record(self, claims: list[Claim], outcomes: dict[int, Outcome]) -> None:
         now = self.clock()

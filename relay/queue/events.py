@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from relay.errors import NotFound
 from relay.model import EventKind, RecipientStatus
-from relay.queue import rollup
+from relay.queue import meta, rollup
 from relay.queue.rollup import DAY
 from relay.queue.store import EventView, Store, _event_view
 from relay.queue.tables import (
@@ -29,7 +29,6 @@ from relay.queue.tables import (
     event,
     message,
     recipient,
-    schema_meta,
     webhook,
     webhook_delivery,
 )
@@ -579,24 +578,7 @@ async def account_for_token(store: Store, token: str) -> tuple[int, str] | None:
 async def tracking_secret(store: Store) -> bytes:
     """The HMAC key of pixel tokens: made once, kept in the database so every node and
     every restart signs and checks the same tokens."""
-    key = "tracking_secret"
-    async with store._read() as conn:
-        found = (
-            await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == key))
-        ).scalar()
-    if found is None:
-        try:
-            async with store._write() as conn:
-                await conn.execute(
-                    schema_meta.insert().values(key=key, value=secrets.token_hex(32))
-                )
-        except sa.exc.IntegrityError:
-            pass  # another node made it first
-        async with store._read() as conn:
-            found = (
-                await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == key))
-            ).scalar_one()
-    return bytes.fromhex(str(found))
+    return bytes.fromhex(await meta.shared_secret(store, "tracking_secret"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.model import RETRYABLE_STATUSES, WAITING_STATUSES, RecipientStatus
-from relay.queue import dialect
+from relay.queue import meta
 from relay.queue.store import Store
-from relay.queue.tables import recipient, schema_meta
+from relay.queue.tables import recipient
 
 #: Age columns of the summary (seconds since acceptance), as qshape's but fewer.
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -126,16 +126,11 @@ FLUSH_KEY = "delivery.flush"
 FLUSH_KEEP = 86400.0  # a request older than any suspension is forgotten
 
 
-async def _mark_flush(conn: Any, store: Store, name: str, now: float) -> None:
-    found = (
-        await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == FLUSH_KEY))
-    ).scalar()
-    marks = _flushes(found)
+async def _mark_flush(conn: AsyncConnection, store: Store, name: str, now: float) -> None:
+    marks = _flushes(await meta.get(conn, FLUSH_KEY))
     marks = {k: v for k, v in marks.items() if v > now - FLUSH_KEEP}
     marks[name] = now
-    value = json.dumps(marks, sort_keys=True)
-    stmt = dialect.upsert_insert(store.dialect, schema_meta).values(key=FLUSH_KEY, value=value)
-    await conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+    await meta.put(conn, store, FLUSH_KEY, json.dumps(marks, sort_keys=True))
 
 
 def _flushes(value: str | None) -> dict[str, float]:
@@ -149,10 +144,7 @@ def _flushes(value: str | None) -> dict[str, float]:
 async def flushed_since(store: Store, name: str, since: float) -> bool:
     """Did an operator ask to retry the destination (or everything) after ``since``?"""
     async with store._read() as conn:
-        found = (
-            await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == FLUSH_KEY))
-        ).scalar()
-    marks = _flushes(found)
+        marks = _flushes(await meta.get(conn, FLUSH_KEY))
     return max(marks.get(name, 0.0), marks.get("*", 0.0)) > since
 
 

@@ -6,15 +6,14 @@ and writes its events in that same transaction (outbox).
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
 from relay.model import AccountStatus, EventKind, RecipientStatus
+from relay.queue import meta
 from relay.queue.limits import COUNTER_WINDOWS, windows_of
 from relay.queue.store import Store
 from relay.queue.tables import (
@@ -26,7 +25,6 @@ from relay.queue.tables import (
     inbound_report,
     message,
     recipient,
-    schema_meta,
     suppression,
 )
 
@@ -118,22 +116,7 @@ class AccountState:
 
 async def token_secret(store: Store) -> bytes:
     """The HMAC key kept in the database, made on first use (every node reads the same)."""
-    async with store._read() as conn:
-        found = (
-            await conn.execute(
-                sa.select(schema_meta.c.value).where(schema_meta.c.key == _SECRET_KEY)
-            )
-        ).scalar()
-    if found is None:
-        try:
-            async with store._write() as conn:
-                await conn.execute(
-                    schema_meta.insert().values(key=_SECRET_KEY, value=secrets.token_hex(32))
-                )
-        except IntegrityError:
-            pass  # another node made it first: read theirs
-        return await token_secret(store)
-    return str(found).encode()
+    return (await meta.shared_secret(store, _SECRET_KEY)).encode()
 
 
 # ---------------------------------------------------------------------- blocklist

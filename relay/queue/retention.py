@@ -15,10 +15,10 @@ lies behind a message kept in flight longer than the retention period (a ``max_a
 above it).
 
 Records (``purge_records``) go later, after ``retention.records``: a message with its
-recipients, events and webhook POSTs once every recipient is final and its last event is
-older than the cut, and the rows that belong to no message (refusals, the bounce log,
-inbound reports, webhook POSTs). The cut is a UTC day boundary, and every day before it
-is first counted into stats_day (rollup.py), so the statistics of a day survive its rows.
+recipients and events once every recipient is final and its last event is older than the
+cut; events of no message (refusals), the bounce log, inbound reports and webhook POSTs
+by their age. The cut is a UTC day boundary, and every day before it is first counted
+into stats_day (rollup.py), so the statistics of a day survive its rows.
 A message with an event after the cut (an open weeks later) waits until that one ages
 too: deleting it earlier would take a day's count away after the day was counted.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from relay.model import WAITING_STATUSES
-from relay.queue import dialect, rollup
+from relay.queue import meta, rollup
 from relay.queue.rollup import DAY
 from relay.queue.store import Store
 from relay.queue.tables import (
@@ -42,7 +42,6 @@ from relay.queue.tables import (
     inbound_report,
     message,
     recipient,
-    schema_meta,
     webhook_delivery,
 )
 
@@ -85,9 +84,7 @@ class BodySweep:
 
 async def _read_mark(store: Store) -> Key:
     async with store._read() as conn:
-        value = (
-            await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == MARK_KEY))
-        ).scalar()
+        value = await meta.get(conn, MARK_KEY)
     try:
         at, message_id = json.loads(value) if value is not None else (0.0, "")
         return float(at), str(message_id)
@@ -96,12 +93,8 @@ async def _read_mark(store: Store) -> Key:
 
 
 async def _write_mark(store: Store, mark: Key) -> None:
-    value = json.dumps(list(mark))
     async with store._write() as conn:
-        stmt = dialect.upsert_insert(store.dialect, schema_meta).values(key=MARK_KEY, value=value)
-        await conn.execute(
-            stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value})
-        )
+        await meta.put(conn, store, MARK_KEY, json.dumps(list(mark)))
 
 
 def _from(key: Key, inclusive: bool) -> sa.ColumnElement[bool]:
@@ -119,6 +112,16 @@ async def _walk_step(conn: Any, cut: float, key: Key, inclusive: bool) -> list[A
         .limit(BATCH)
     )
     return list(rows.all())
+
+
+async def _in_flight(conn: Any, ids: list[str]) -> set[str]:
+    """Those of these messages with a recipient that may still be tried."""
+    found = await conn.execute(
+        sa.select(recipient.c.message_id)
+        .where(recipient.c.message_id.in_(ids), recipient.c.status.in_(_WAITING))
+        .distinct()
+    )
+    return set(found.scalars())
 
 
 def _by_bytes(rows: list[Any]) -> list[list[dict[str, str]]]:
@@ -147,19 +150,7 @@ async def purge_bodies(store: Store, cut: float, pause: float = 0.01) -> BodySwe
             rows = await _walk_step(conn, cut, key, inclusive)
             if not rows:
                 break
-            ids = [r.id for r in rows]
-            open_ids = set(
-                (
-                    await conn.execute(
-                        sa.select(recipient.c.message_id)
-                        .where(
-                            recipient.c.message_id.in_(ids),
-                            recipient.c.status.in_(_WAITING),
-                        )
-                        .distinct()
-                    )
-                ).scalars()
-            )
+            open_ids = await _in_flight(conn, [r.id for r in rows])
         # No recipient returns from a final status, so what was final when read is final
         # when written: the read needs no write lock.
         for done in _by_bytes([r for r in rows if r.id not in open_ids]):
@@ -214,15 +205,7 @@ async def _deletable(store: Store, rows: list[Any], edge: float) -> tuple[list[A
     final and whose last event is before ``edge``; and how many are kept."""
     ids = [r.id for r in rows]
     async with store._read() as conn:
-        keep = set(
-            (
-                await conn.execute(
-                    sa.select(recipient.c.message_id)
-                    .where(recipient.c.message_id.in_(ids), recipient.c.status.in_(_WAITING))
-                    .distinct()
-                )
-            ).scalars()
-        )
+        keep = await _in_flight(conn, ids)
         keep.update(
             (
                 await conn.execute(

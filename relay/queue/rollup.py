@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from relay.model import EventKind
-from relay.queue import dialect
+from relay.queue import dialect, meta
 from relay.queue.store import Store
 from relay.queue.tables import event, message, schema_meta, stats_day
 
@@ -85,9 +85,7 @@ def _data_domain(data: str | None) -> str:
 async def rolled_through(store: Store) -> int | None:
     """The last day (days since the epoch) whose statistics are in stats_day, if any."""
     async with store._read() as conn:
-        value = (
-            await conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == MARK_KEY))
-        ).scalar()
+        value = await meta.get(conn, MARK_KEY)
     return None if value is None else int(value)
 
 
