@@ -33,12 +33,14 @@ async def shared_secret(store: Store, key: str) -> str:
         found = await get(conn, key)
     if found is not None:
         return found
-    try:
-        async with store._write() as conn:
-            await conn.execute(schema_meta.insert().values(key=key, value=secrets.token_hex(32)))
-    except sa.exc.IntegrityError:
-        pass  # another node made it first: read theirs
-    async with store._read() as conn:
+    # Insert-if-absent and read back in one write: a block that made it first may share
+    # our group-commit batch (not yet committed, so a read outside would miss it) or be
+    # another node's (committed before our write began). Either way it is what we read.
+    stmt = dialect.upsert_insert(store.dialect, schema_meta).values(
+        key=key, value=secrets.token_hex(32)
+    )
+    async with store._write() as conn:
+        await conn.execute(stmt.on_conflict_do_nothing(index_elements=["key"]))
         made = await get(conn, key)
-    assert made is not None
+    assert made is not None  # inserted, or present, in this very transaction
     return made
