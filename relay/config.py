@@ -119,6 +119,10 @@ class DeliveryConfig:
     # (relay/delivery/destinations.py), as Postfix's dead destination waits out its
     # minimal_backoff_time. false: always try.
     destination_suspend: bool = True
+    # A destination that refuses a session (421, or no MX host answered) while k sessions
+    # to it are open gets at most max(1, k) at once, growing back by one per k messages
+    # it takes: Postfix's destination concurrency feedback (relay/delivery/destinations.py).
+    concurrency_feedback: bool = True
     # MTA-STS (RFC 8461, relay/delivery/mtasts.py): a recipient domain that publishes a
     # policy in enforce mode gets its mail only over TLS with a certificate valid for an
     # MX host its policy lists. On by default, as KumoMTA has it. The policy's HTTPS port

@@ -225,6 +225,12 @@ DELIVERY_SUSPENDED = Counter(
     "after no MX host of it could be reached (delivery.destination_suspend)",
     registry=REGISTRY,
 )
+CONCURRENCY_LOWERED = Counter(
+    "relay_delivery_concurrency_lowered_total",
+    "Times a destination's sessions at once were lowered because it refused one "
+    "(delivery.concurrency_feedback)",
+    registry=REGISTRY,
+)
 MTA_STS = Counter(
     "relay_delivery_mta_sts_total",
     "Delivery sessions under a recipient domain's MTA-STS policy: enforced (verified TLS "
@@ -325,6 +331,10 @@ def delivery_session_reused() -> None:
 
 def delivery_suspended(count: int) -> None:
     DELIVERY_SUSPENDED.inc(count)
+
+
+def concurrency_lowered() -> None:
+    CONCURRENCY_LOWERED.inc()
 
 
 def mta_sts(outcome: str) -> None:

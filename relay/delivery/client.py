@@ -273,13 +273,16 @@ class DestinationSession:
         on_done: Callable[[Envelope], None] | None = None,
         on_open: Callable[[], None] | None = None,
         verify: bool = False,
+        give_back: Callable[[Outcome], bool] | None = None,
     ) -> Outcome | None:
         """Deliver each envelope over one session; fill in every recipient's outcome.
 
         Returns why, when no MX host could be reached (every envelope is deferred or
         bounced with it); None once a session was had. ``on_open`` is called for each
         session opened or taken from the cache. ``verify``: TLS with a certificate valid
-        for the MX name is required (MTA-STS, see _open).
+        for the MX name is required (MTA-STS, see _open). ``give_back``: asked when no
+        session could be opened; True leaves the envelopes not yet sent without an
+        outcome (and ``on_done``), for the caller to try again.
 
         ``envelopes`` may be an async iterator: each is then taken only when the session
         is ready to send it, so the caller need not hold a whole session's prepared
@@ -300,6 +303,8 @@ class DestinationSession:
             else:
                 opened = await self._open(targets, verify)
                 if isinstance(opened, Outcome):
+                    if give_back is not None and give_back(opened):
+                        return opened
                     for env in await pending.rest():
                         for rid, _ in env.recipients:
                             env.outcomes[rid] = opened

@@ -92,6 +92,10 @@ class DeliveryWorker:
             lambda: self.cfg.destination_concurrency,
             lambda: self.cfg.retry_first if self.cfg.destination_suspend else 0.0,
             wall=clock,
+            # Twice retry_first: the mail a refusal deferred retries under the lowered limit.
+            remember_for=lambda: (
+                2.0 * self.cfg.retry_first if self.cfg.concurrency_feedback else 0.0
+            ),
         )
         metrics.SUSPENDED.count = lambda: len(self.destinations.snapshot())
         # Sessions past their destination's gate: delivering, or waiting for a worker.
@@ -264,17 +268,26 @@ class DeliveryWorker:
         return Prepared(body, envelope_from or mail_from, signers)
 
     async def _deliver_domain(self, rcpt_domain: str, claims: list[Claim]) -> None:
-        async with self.destinations.slot(rcpt_domain):
-            self._admitted += 1
-            try:
-                await self._session(rcpt_domain, claims)
-            finally:
-                self._admitted -= 1
+        # A session refused for being one too many (concurrency_feedback) gives its mail
+        # back untried: it waits for another slot under the lowered limit, that is until
+        # another session to the destination ends, rather than being deferred for
+        # retry_first. Bounded, so mail is never passed over for good.
+        for turn in range(GIVE_BACKS + 1):
+            async with self.destinations.slot(rcpt_domain):
+                self._admitted += 1
+                try:
+                    claims = await self._session(rcpt_domain, claims, turn == GIVE_BACKS)
+                finally:
+                    self._admitted -= 1
+            if not claims:
+                return
 
-    async def _session(self, rcpt_domain: str, claims: list[Claim]) -> None:
+    async def _session(self, rcpt_domain: str, claims: list[Claim], last: bool) -> list[Claim]:
+        """Attempt the claims; those given back to wait for another slot (see above)."""
+        given_back: list[Claim] = []
         async with self._slots:
             if self._stopping:
-                return  # not begun: the claims stay leased, and stop() gives them back
+                return []  # not begun: the claims stay leased, and stop() gives them back
             try:
                 suspension = self.destinations.suspended(rcpt_domain)
                 if suspension is not None and await flushed_since(
@@ -283,7 +296,7 @@ class DeliveryWorker:
                     self.destinations.lift(rcpt_domain)
                     suspension = None
                 if suspension is None:
-                    await self._attempt(rcpt_domain, claims)
+                    given_back = await self._attempt(rcpt_domain, claims, last)
                 else:
                     metrics.delivery_suspended(len(claims))
                     o = Outcome(
@@ -298,10 +311,15 @@ class DeliveryWorker:
                 outcome = Outcome(RecipientStatus.DEFERRED, "4.3.0 Internal error in relay")
                 await self._record_all(claims, outcome)
             finally:
+                kept = {c.recipient_id for c in given_back}
                 for c in claims:
-                    self._inflight.discard(c.recipient_id)
+                    if c.recipient_id not in kept:
+                        self._inflight.discard(c.recipient_id)
+        return given_back
 
-    async def _attempt(self, rcpt_domain: str, claims: list[Claim]) -> None:
+    async def _attempt(self, rcpt_domain: str, claims: list[Claim], last: bool) -> list[Claim]:
+        """Deliver the claims over a session; those given back untried (see
+        _deliver_domain), unless ``last``."""
         outcomes: dict[int, Outcome] = {}
         try:
             targets = await self.resolver.targets(rcpt_domain)
@@ -309,12 +327,12 @@ class DeliveryWorker:
             metrics.dns_failure("permanent")  # metrics
             o = Outcome(RecipientStatus.BOUNCED, f"550 {exc.enhanced} {exc}", None, code=550)
             await self._record_all(claims, o)
-            return
+            return []
         except DNSTemporary as exc:
             metrics.dns_failure("temporary")  # metrics
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
             await self._record_all(claims, o)
-            return
+            return []
         verify = False
         if self.cfg.mta_sts and rcpt_domain not in self.resolver.routes:
             policy = await self.mta_sts.policy(rcpt_domain)
@@ -330,7 +348,7 @@ class DeliveryWorker:
                             f" {', '.join(policy.mx)})",
                         )
                         await self._record_all(claims, o)
-                        return
+                        return []
                     metrics.mta_sts("enforced")
                     targets, verify = allowed, True
                 elif len(allowed) < len(targets):
@@ -347,14 +365,35 @@ class DeliveryWorker:
             by_message[c.message_id].append(c)
         ahead = _Ahead(self._prepare_chunk, _chunks(by_message, PREPARE_AHEAD_BYTES))
         recording: list[asyncio.Task[None]] = []
+        recorded: set[int] = set()
+        gave_back = False
+
+        def give_back(refusal: Outcome) -> bool:
+            # Only when other sessions to it are under way: a busy destination, not a dead one.
+            nonlocal gave_back
+            gave_back = (
+                not last
+                and self.cfg.concurrency_feedback
+                and _says_busy(refusal)
+                and self.destinations.others(rcpt_domain) > 0
+            )
+            return gave_back
 
         def done(env: Envelope) -> None:
             # Record each message's outcome the moment it is known (its COMMIT overlaps
             # the next message's transfer): a crash then repeats at most the deliveries
             # whose commit was in flight, not the whole connection's worth.
             env_claims = [by_id[rid] for rid, _ in env.recipients]
+            recorded.update(rid for rid, _ in env.recipients)
             recording.append(asyncio.create_task(self._record(env_claims, dict(env.outcomes))))
+            codes = {o.code for o in env.outcomes.values()}
+            if 421 in codes:  # RFC 5321 §3.8: the server is closing; too busy for us
+                reply = next(o.reply for o in env.outcomes.values() if o.code == 421)
+                self._refused(rcpt_domain, reply)
+            elif codes != {None}:  # the server answered the transaction
+                self.destinations.delivered(rcpt_domain)
 
+        self.destinations.started(rcpt_domain)
         try:
             unreachable = await self.session.deliver(
                 targets,
@@ -362,23 +401,43 @@ class DeliveryWorker:
                 on_done=done,
                 on_open=lambda: self.destinations.reached(rcpt_domain),
                 verify=verify,
+                give_back=give_back,
             )
+            if unreachable is not None and _says_busy(unreachable):
+                self._refused(rcpt_domain, unreachable.reply)
+            if unreachable is not None and not gave_back:
+                suspended = self.destinations.unreachable(rcpt_domain, unreachable.reply)
+                if suspended:
+                    log.warning(
+                        "delivery to %s suspended for %.0f s: no MX host could be reached (%s)",
+                        rcpt_domain,
+                        suspended,
+                        unreachable.reply,
+                    )
         finally:
             ahead.close()
-        if unreachable is not None:
-            suspended = self.destinations.unreachable(rcpt_domain, unreachable.reply)
-            if suspended:
-                log.warning(
-                    "delivery to %s suspended for %.0f s: no MX host could be reached (%s)",
-                    rcpt_domain,
-                    suspended,
-                    unreachable.reply,
-                )
+            self.destinations.ended(rcpt_domain)
         await asyncio.gather(*recording)
-        recorded = {rid for env in ahead.produced for rid, _ in env.recipients}
         missing = [c for c in claims if c.recipient_id not in recorded]
+        if gave_back:
+            log.info(
+                "delivery to %s: %d recipients wait for another session", rcpt_domain, len(missing)
+            )
+            return missing
         if missing:
             await self._record(missing, outcomes)
+        return []
+
+    def _refused(self, rcpt_domain: str, reply: str) -> None:
+        lowered = self.destinations.refused(rcpt_domain)
+        if lowered is not None:
+            metrics.concurrency_lowered()
+            log.warning(
+                "delivery to %s: sessions at once lowered to %d after a refusal (%s)",
+                rcpt_domain,
+                lowered,
+                reply,
+            )
 
     async def _prepare_chunk(self, chunk: list[tuple[str, list[Claim]]]) -> list[Envelope]:
         """A chunk of a session's messages, rendered and DKIM-signed, as envelopes."""
@@ -539,6 +598,20 @@ def _chunks(by_message: dict[str, list[Claim]], budget: int) -> list[list[tuple[
         chunks[-1].append((message_id, group))
         size += weight
     return chunks
+
+
+# How often a session refused while others to its destination are under way waits for
+# another slot before its refusal is recorded (a deferral). A refusal after a slot came
+# free is a race with the closing session's teardown or a probe of a raised limit, and
+# the next turn usually goes through; ten makes a deferral rare without a loop that never ends.
+GIVE_BACKS = 10
+
+
+def _says_busy(refusal: Outcome) -> bool:
+    """Whether a session that could not be opened tells of the destination's load: a
+    refusal or a failed connection does; a certificate that does not verify (4.7.5,
+    MTA-STS, require_tls) does not."""
+    return not refusal.reply.startswith("4.7.5")
 
 
 class _Ahead:

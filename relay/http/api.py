@@ -420,10 +420,16 @@ async def queue_summary(request: web.Request) -> web.Response:
         {"domain": name, "until": rfc3339(now + left), "reason": reason}
         for name, left, reason in (found.snapshot() if found is not None else [])
     ]
+    # Destinations that refused a session: the sessions they get now (concurrency_feedback).
+    lowered = [
+        {"domain": name, "sessions": sessions, "limit": limit}
+        for name, sessions, limit in (found.lowered() if found is not None else [])
+    ]
     return web.json_response(
         {
             "total": sum(d.total for d in domains),
             "suspended": suspended,
+            "lowered": lowered,
             "domains": [
                 {
                     "domain": d.domain,

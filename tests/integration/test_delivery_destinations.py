@@ -4,13 +4,14 @@ mail to others goes past, and a destination that cannot be reached is suspended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 
 from tests.integration.test_api_auth import ADMIN, call
 from tests.integration.test_operations_metrics import scrape, value
 from tests.support.dnsserver import DNSServer
-from tests.support.relayproc import MakeRelay, send_one, wait_status
+from tests.support.relayproc import MakeRelay, RelayProcess, send_one, wait_status
 from tests.support.sink import SMTPSink
 
 
@@ -121,3 +122,70 @@ async def test_an_unreachable_destination_is_suspended_and_its_mail_deferred_unt
         assert closer.connections > tried
     finally:
         closer.close()
+
+
+async def _burst_to_a_receiver_that_takes_three(
+    make_relay: MakeRelay, sink: SMTPSink, feedback: bool
+) -> tuple[RelayProcess, int]:
+    """24 messages at once to a receiver that greets a fourth connection with 421: the
+    relay and how many messages arrived within 20 s."""
+    sink.set_connection_limit(3)
+    sink.set_data_delay(0.2)
+    relay = make_relay(
+        {
+            "delivery": {
+                "concurrency": 20,
+                "destination_concurrency": 10,
+                "messages_per_connection": 1,
+                "connection_cache_time": 0,
+                "claim_delay": 1.0,  # the whole burst is claimed together
+                "retry_first": 60,  # a deferral is a miss within the test's 20 s
+                "retry_max": 120,
+                "concurrency_feedback": feedback,
+            },
+            "api": {"admin_key": ADMIN},
+            "limits": {"rate": 100},
+        }
+    )
+    relay.setup()
+    relay.start()
+    await asyncio.gather(*(send_one(relay, f"r{i}@example.org") for i in range(24)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with contextlib.suppress(AssertionError):
+        await sink.wait_for_async(24, timeout=20)
+    took, arrived = loop.time() - started, len(sink.messages)
+    print(f"feedback {feedback}: {arrived} arrived in {took:.1f} s, {sink.turned_away} refused")
+    return relay, arrived
+
+
+async def test_a_receiver_that_refuses_a_fourth_session_gets_three_and_no_mail_is_deferred(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    relay, arrived = await _burst_to_a_receiver_that_takes_three(make_relay, sink, feedback=True)
+    # Ten sessions at once: seven are refused. Their mail waits for a slot under the
+    # lowered limit instead of retry_first (60 s), so all 24 arrive within 20 s.
+    assert arrived == 24
+    assert sink.turned_away >= 7
+    relay.wait_for_log(r"delivery to example\.org: sessions at once lowered to [1-3] after a")
+    relay.wait_for_log(r"delivery to example\.org: \d+ recipients wait for another session")
+    metrics = scrape(f"{relay.http_url}/metrics")
+    assert value(metrics, "relay_delivery_concurrency_lowered_total") >= 1
+    # What an operator sees: the destination, the sessions it gets now, the configured.
+    status, body = call(relay, "GET", "/api/v1/queue", ADMIN)
+    assert status == 200
+    (lowered,) = body["lowered"]
+    assert lowered["domain"] == "example.org" and lowered["limit"] == 10
+    assert 1 <= lowered["sessions"] < 10
+    assert sink.peak_connections == 3
+
+
+async def test_without_feedback_a_receiver_that_refuses_a_fourth_session_defers_most(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    # The same burst with concurrency_feedback off: what the test above would see if the
+    # feedback did nothing. Every refused session's mail waits out retry_first.
+    relay, arrived = await _burst_to_a_receiver_that_takes_three(make_relay, sink, feedback=False)
+    assert arrived < 24
+    status, body = call(relay, "GET", "/api/v1/queue", ADMIN)
+    assert status == 200 and body["lowered"] == []

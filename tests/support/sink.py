@@ -123,11 +123,21 @@ class _SinkSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._sink = sink
         self._raw_transport: asyncio.BaseTransport | None = None
+        self._turned_away = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._raw_transport is None:  # first call: the TCP connection itself
             self._raw_transport = transport
             with self._sink._lock:
+                limit = self._sink._connection_limit
+                if limit is not None and len(self._sink._live) >= limit:
+                    # What big receivers do past their per-client limit: 421 and close.
+                    self._sink.turned_away += 1
+                    self._turned_away = True
+                    assert isinstance(transport, asyncio.WriteTransport)
+                    transport.write(b"421 4.7.0 mx.test Too many connections, try later\r\n")
+                    transport.close()
+                    return
                 self._sink.connections += 1
                 self._sink._live.add(self)
                 self._sink.peak_connections = max(
@@ -136,6 +146,8 @@ class _SinkSMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._turned_away:
+            return
         with self._sink._lock:
             self._sink._live.discard(self)
         super().connection_lost(error)
@@ -169,6 +181,8 @@ class SMTPSink:
         self.rcpt_attempts: list[str] = []
         self.connections = 0
         self.peak_connections = 0  # most connections open at once
+        self.turned_away = 0  # connections refused with 421 (set_connection_limit)
+        self._connection_limit: int | None = None
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._live: set[_SinkSMTP] = set()
@@ -343,6 +357,12 @@ class SMTPSink:
         with self._lock:
             self._data_reply = reply
 
+    def set_connection_limit(self, limit: int | None) -> None:
+        """Greet connections past this many open at once with 421 and close them (None:
+        no limit), as big receivers limit each client."""
+        with self._lock:
+            self._connection_limit = limit
+
     def set_data_delay(self, seconds: float) -> None:
         """Wait this long before answering the end of DATA (a slow MX)."""
         with self._lock:
@@ -362,6 +382,8 @@ class SMTPSink:
             self.rcpt_attempts.clear()
             self.connections = 0
             self.peak_connections = 0
+            self.turned_away = 0
+            self._connection_limit = None
         self.clear_replies()
 
     # ------------------------------------------------------------------ waiting

@@ -72,6 +72,18 @@ async def test_a_destination_that_answered_within_the_window_is_not_suspended() 
     assert dests.unreachable("busy.example", "421 too many connections") == 300
 
 
+async def test_a_destination_is_not_suspended_while_another_session_to_it_is_under_way() -> None:
+    dests, _ = _destinations(window=300)
+    dests.started("burst.example")
+    dests.started("burst.example")  # the refused one
+    # A burst's first refusal comes back before its other sessions are open: not dead.
+    assert dests.unreachable("burst.example", "421 too many connections") == 0
+    dests.ended("burst.example")
+    dests.ended("burst.example")
+    dests.started("burst.example")
+    assert dests.unreachable("burst.example", "timeout") == 300  # the last one: dead
+
+
 async def test_a_session_opened_or_a_retry_lifts_a_suspension_and_zero_never_suspends() -> None:
     dests, _ = _destinations(window=300)
     dests.unreachable("flaky.example", "timeout")
@@ -83,3 +95,123 @@ async def test_a_session_opened_or_a_retry_lifts_a_suspension_and_zero_never_sus
     off, _ = _destinations(window=0)
     assert off.unreachable("dead.example", "refused") == 0
     assert off.suspended("dead.example") is None
+
+
+def _learning(limit: int = 20, remember: float = 600.0) -> tuple[Destinations, Clock]:
+    clock = Clock()
+    return Destinations(lambda: limit, lambda: 300.0, clock, remember_for=lambda: remember), clock
+
+
+async def test_a_session_refused_beside_k_others_lowers_the_limit_to_k_and_waiters_wait() -> None:
+    dests, _ = _learning(limit=20)
+    release = asyncio.Event()
+    started: list[int] = []
+    lowered: list[int | None] = []
+
+    async def session(n: int, refused: bool = False) -> None:
+        async with dests.slot("busy.example"):
+            started.append(n)
+            dests.started("busy.example")
+            if refused:  # 421 too many connections
+                lowered.append(dests.refused("busy.example"))
+            else:
+                await release.wait()
+            dests.ended("busy.example")
+
+    first = [asyncio.create_task(session(n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    await session(3, refused=True)  # refused while three others were under way
+    assert lowered == [3]
+    assert dests.allowed("busy.example") == 3
+    assert dests.lowered() == [("busy.example", 3, 20)]
+    more = [asyncio.create_task(session(n)) for n in range(4, 7)]
+    await asyncio.sleep(0.01)
+    assert started == [0, 1, 2, 3]  # the limit is now 3, all taken
+    release.set()
+    await asyncio.gather(*first, *more)
+    assert started == [0, 1, 2, 3, 4, 5, 6]
+    assert dests._gates == {}
+
+
+async def test_a_lone_refused_session_lowers_to_one_and_a_refusal_never_raises_the_limit() -> None:
+    dests, _ = _learning(limit=20)
+    dests.started("quiet.example")
+    assert dests.refused("quiet.example") == 1  # nothing else under way: one at a time
+    dests.ended("quiet.example")
+    assert dests.allowed("quiet.example") == 1
+    for _ in range(3):
+        dests.started("quiet.example")
+    assert dests.refused("quiet.example") is None  # two others is above 1: no drop, no rise
+    assert dests.allowed("quiet.example") == 1
+
+
+async def test_a_lowered_limit_grows_by_one_per_limits_worth_of_messages_to_the_configured() -> (
+    None
+):
+    dests, _ = _learning(limit=6)
+    for _ in range(3):
+        dests.started("busy.example")
+    assert dests.refused("busy.example") == 2
+    taken = 0
+    seen = [dests.allowed("busy.example")]
+    while dests.allowed("busy.example") < 6:
+        dests.delivered("busy.example")
+        taken += 1
+        if dests.allowed("busy.example") != seen[-1]:
+            seen.append(dests.allowed("busy.example"))
+    assert seen == [2, 3, 4, 5, 6]
+    assert taken == 2 + 3 + 4 + 5  # additive increase: one per limit's worth
+    assert dests.lowered() == []  # back at the configured limit: forgotten
+
+
+async def test_a_grown_limit_admits_a_waiting_session_without_waiting_for_a_release() -> None:
+    dests, _ = _learning(limit=20)
+    assert dests.refused("busy.example") == 1  # (nothing counted under way: also 1)
+    hold = asyncio.Event()
+    entered: list[int] = []
+
+    async def session(n: int) -> None:
+        async with dests.slot("busy.example"):
+            entered.append(n)
+            await hold.wait()
+
+    tasks = [asyncio.create_task(session(n)) for n in range(2)]
+    await asyncio.sleep(0.01)
+    assert entered == [0]
+    dests.delivered("busy.example")  # 1 -> 2
+    await asyncio.sleep(0.01)
+    assert entered == [0, 1]
+    hold.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_lowered_limit_is_forgotten_after_the_quiet_window_and_off_means_none() -> None:
+    dests, clock = _learning(limit=20, remember=600)
+    assert dests.refused("busy.example") == 1
+    clock.now += 600
+    assert dests.allowed("busy.example") == 1
+    clock.now += 1
+    assert dests.allowed("busy.example") == 20
+    assert dests.lowered() == []
+    off, _ = _learning(limit=20, remember=0)
+    assert off.refused("busy.example") is None
+    assert off.allowed("busy.example") == 20
+
+
+async def test_a_waiting_session_cancelled_gives_its_turn_to_the_next() -> None:
+    dests, _ = _destinations(limit=1)
+    hold = asyncio.Event()
+    entered: list[int] = []
+
+    async def session(n: int) -> None:
+        async with dests.slot("a.example"):
+            entered.append(n)
+            await hold.wait()
+
+    tasks = [asyncio.create_task(session(n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    tasks[1].cancel()  # waiting behind 0
+    hold.set()
+    await asyncio.gather(tasks[0], tasks[2])
+    assert entered == [0, 2]
+    assert dests._gates == {}
