@@ -9,7 +9,7 @@ from typing import Any
 from relay.cli import with_store
 from relay.config import Config
 from relay.model import WAITING_STATUSES, RecipientStatus
-from relay.queue import operate
+from relay.queue import holds, operate
 from relay.queue.store import MessageView, Store
 
 
@@ -56,9 +56,39 @@ def register(sub: Any) -> None:
         help="with --domain: only recipients in this status",
     )
     p.set_defaults(handler=with_store(cmd_delete))
+    p = qsub.add_parser(
+        "hold", help="pause delivery to a domain (its mail waits, untried); list the holds"
+    )
+    p.add_argument("--domain", help="recipient domain to hold (none: list the holds)")
+    p.add_argument(
+        "--for",
+        dest="duration",
+        type=duration,
+        help="how long, e.g. 30m, 2h, 1d (default: until released)",
+    )
+    p.add_argument("--reason", default="", help="shown in the log, the summary and the API")
+    p.set_defaults(handler=with_store(cmd_hold))
+    p = qsub.add_parser("release", help="end a domain's hold: its waiting mail is due now")
+    p.add_argument("--domain", required=True)
+    p.set_defaults(handler=with_store(cmd_release))
     p = sub.add_parser("status", help="delivery status of a message (queue id or Message-ID)")
     p.add_argument("id")
     p.set_defaults(handler=with_store(cmd_show))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds in "90", "90s", "30m", "2h" or "1d" (argparse type)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 2h, 1d)") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (must be > 0)")
+    return seconds
 
 
 async def cmd_list(store: Store, cfg: Config, args: argparse.Namespace) -> int:
@@ -106,6 +136,7 @@ async def cmd_show(store: Store, cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_summary(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    print_holds(await holds.active(store))
     domains = await operate.shape(store)
     if not domains:
         print("queue: nothing waiting")
@@ -142,6 +173,9 @@ async def cmd_retry(store: Store, cfg: Config, args: argparse.Namespace) -> int:
         n = await operate.retry_domain(store, args.domain)
         where = f"at {args.domain}" if args.domain else "in the queue"
         print(f"{n} waiting recipient(s) {where} due now")
+        held = await holds.active(store)
+        for name in sorted(held if args.domain is None else held.keys() & {args.domain.lower()}):
+            print(f"{name} is held: its mail still waits (relay queue release --domain {name})")
         return 0
     n = await store.retry_now(args.id)
     print(f"{n} recipient(s) of {args.id} due now")
@@ -159,4 +193,37 @@ async def cmd_delete(store: Store, cfg: Config, args: argparse.Namespace) -> int
         return 2
     n = await store.delete_message(args.id)
     print(f"{n} recipient(s) of {args.id} deleted")
+    return 0
+
+
+def print_holds(found: dict[str, holds.Hold]) -> None:
+    for h in sorted(found.values(), key=lambda h: h.domain):
+        until = "released" if h.until is None else _t(h.until)
+        print(f"held: {h.domain} since {_t(h.since)} until {until}  {h.reason}".rstrip())
+
+
+async def cmd_hold(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    if args.domain is None:
+        found = await holds.active(store)
+        print_holds(found)
+        if not found:
+            print("no domain is held")
+        return 0
+    if "." not in args.domain:
+        print(f"relay queue hold: not a domain: {args.domain!r}")
+        return 2
+    until = None if args.duration is None else store.clock() + args.duration
+    moved = await holds.hold(store, args.domain, args.reason, until)
+    name = args.domain.lower().rstrip(".")
+    print_holds({k: h for k, h in (await holds.active(store)).items() if k == name})
+    print(f"{moved} waiting recipient(s) at {args.domain} wait for the hold to end")
+    return 0
+
+
+async def cmd_release(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    if not await holds.release(store, args.domain):
+        print(f"{args.domain} was not held")
+        return 1
+    n = await operate.retry_domain(store, args.domain)
+    print(f"{args.domain} released: {n} waiting recipient(s) due now")
     return 0

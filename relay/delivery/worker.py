@@ -27,6 +27,7 @@ from relay.delivery.render import Renderer as ReputationRenderer
 from relay.errors import StoreUnavailable
 from relay.intake import first_address, new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
+from relay.queue import holds
 from relay.queue.operate import flushed_since
 from relay.queue.retry import is_expired, next_delay
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
@@ -103,6 +104,8 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[int] = set()
         self._domains: dict[str, tuple[float, Domain | None]] = {}
+        self._holds: dict[str, holds.Hold] = {}
+        self._holds_read = 0.0  # monotonic time the holds are read again
         self._extra_keys: dict[str, tuple[float, list[Domain]]] = {}
         self.running = False
 
@@ -167,13 +170,44 @@ class DeliveryWorker:
         by_domain: dict[str, list[Claim]] = defaultdict(list)
         for c in claims:
             by_domain[c.rcpt_domain].append(c)
-            self._inflight.add(c.recipient_id)
+        held = await self._held()
         for rcpt_domain, group in by_domain.items():
+            hold = held.get(rcpt_domain)
+            if hold is not None:
+                await self._postpone(group, hold)
+                continue
+            self._inflight.update(c.recipient_id for c in group)
             for chunk in _sessions(group, self.cfg.messages_per_connection):
                 task = asyncio.create_task(self._deliver_domain(rcpt_domain, chunk))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         return len(claims) >= limit
+
+    async def _held(self) -> dict[str, holds.Hold]:
+        """The operator's holds (relay/queue/holds.py), read at most every HOLDS_REFRESH."""
+        now = time.monotonic()
+        if now >= self._holds_read:
+            self._holds = await holds.active(self.store)
+            self._holds_read = now + HOLDS_REFRESH
+        return self._holds
+
+    async def _postpone(self, claims: list[Claim], cached: holds.Hold) -> None:
+        """Give a held destination's claims back untried, due when the hold is looked at
+        next (no attempt counted, no event: the mail did not move). The hold is read
+        again with the write: the cached one may have been released since."""
+        hold: holds.Hold | None = cached
+        for ids in _batches([c.recipient_id for c in claims]):
+            hold = await holds.postpone(self.store, self.owner, cached.domain, ids)
+        if hold is None:
+            self._holds_read = 0.0  # released meanwhile: read them again at the next claim
+            return
+        log.info(
+            "delivery to %s held by the operator (%s): %d recipients wait until %s",
+            hold.domain,
+            hold.reason or "no reason given",
+            len(claims),
+            "released" if hold.until is None else time.strftime(_UTC, time.gmtime(hold.until)),
+        )
 
     async def _renew_loop(self) -> None:
         # Renew at a third of the lease so two missed renewals still leave margin.
@@ -599,6 +633,11 @@ def _chunks(by_message: dict[str, list[Claim]], budget: int) -> list[list[tuple[
         size += weight
     return chunks
 
+
+# An operator's hold (or release) reaches every node's delivery within this many seconds:
+# one read of a table of a few rows, beside claims that run many times a second.
+HOLDS_REFRESH = 2.0
+_UTC = "%Y-%m-%dT%H:%M:%SZ"
 
 # How often a session refused while others to its destination are under way waits for
 # another slot before its refusal is recorded (a deferral). A refusal after a slot came

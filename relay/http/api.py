@@ -22,7 +22,7 @@ from relay.events.emit import event_json, message_json, parse_time, rfc3339
 from relay.http.server import CONTEXT, route_installer
 from relay.model import WAITING_STATUSES, EventKind, RecipientStatus
 from relay.queue import events as q
-from relay.queue import operate
+from relay.queue import holds, operate
 from relay.queue.events import Webhook
 
 log = logging.getLogger("relay.api")
@@ -425,9 +425,19 @@ async def queue_summary(request: web.Request) -> web.Response:
         {"domain": name, "sessions": sessions, "limit": limit}
         for name, sessions, limit in (found.lowered() if found is not None else [])
     ]
+    held = [
+        {
+            "domain": h.domain,
+            "reason": h.reason,
+            "since": rfc3339(h.since),
+            "until": None if h.until is None else rfc3339(h.until),
+        }
+        for h in sorted((await holds.active(ctx.store)).values(), key=lambda h: h.domain)
+    ]
     return web.json_response(
         {
             "total": sum(d.total for d in domains),
+            "held": held,
             "suspended": suspended,
             "lowered": lowered,
             "domains": [
@@ -453,6 +463,13 @@ def _queue_domain(body: dict[str, Any]) -> str | None:
     return domain
 
 
+def _required_domain(body: dict[str, Any]) -> str:
+    domain = _queue_domain(body)
+    if domain is None:
+        raise APIError(400, "bad_request", "domain: required")
+    return domain
+
+
 async def queue_retry(request: web.Request) -> web.Response:
     """Waiting recipients of ``domain`` (or, with ``all: true``, every one) due now."""
     require_admin(await caller(request))
@@ -464,13 +481,42 @@ async def queue_retry(request: web.Request) -> web.Response:
     return web.json_response({"due_now": n})
 
 
+async def queue_hold(request: web.Request) -> web.Response:
+    """Pause delivery to ``domain`` for ``seconds`` (absent: until released)."""
+    require_admin(await caller(request))
+    body = await json_body(request)
+    domain = _required_domain(body)
+    seconds = body.get("seconds")
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0
+    ):
+        raise APIError(400, "bad_request", "seconds: expected a number > 0")
+    reason = body.get("reason", "")
+    if not isinstance(reason, str):
+        raise APIError(400, "bad_request", "reason: expected a string")
+    store = request.app[CONTEXT].store
+    until = None if seconds is None else store.clock() + float(seconds)
+    n = await holds.hold(store, domain, reason, until)
+    return web.json_response({"held": domain, "waiting": n})
+
+
+async def queue_release(request: web.Request) -> web.Response:
+    """End the hold of ``domain``: its waiting mail is due now."""
+    require_admin(await caller(request))
+    domain = _required_domain(await json_body(request))
+    store = request.app[CONTEXT].store
+    if not await holds.release(store, domain):
+        raise APIError(404, "not_found", f"{domain} is not held")
+    return web.json_response(
+        {"released": domain, "due_now": await operate.retry_domain(store, domain)}
+    )
+
+
 async def queue_delete(request: web.Request) -> web.Response:
     """Drop the waiting recipients of ``domain`` (only ``status``, if given)."""
     require_admin(await caller(request))
     body = await json_body(request)
-    domain = _queue_domain(body)
-    if domain is None:
-        raise APIError(400, "bad_request", "domain: required")
+    domain = _required_domain(body)
     waiting = [s.value for s in WAITING_STATUSES]
     status = body.get("status")
     if status is not None and status not in waiting:
@@ -502,4 +548,6 @@ def install(app: web.Application) -> None:
     r.add_get(f"{PREFIX}/queue", queue_summary)
     r.add_post(f"{PREFIX}/queue/retry", queue_retry)
     r.add_post(f"{PREFIX}/queue/delete", queue_delete)
+    r.add_post(f"{PREFIX}/queue/hold", queue_hold)
+    r.add_post(f"{PREFIX}/queue/release", queue_release)
     r.add_route("*", f"{PREFIX}/{{tail:.*}}", not_found)

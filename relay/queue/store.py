@@ -458,6 +458,24 @@ def _outcomes_on_thread(raw: sqlite3.Connection, steps: list[_OutcomeStep]) -> i
     return written
 
 
+def give_back(owner: str, ids: Sequence[int], due_at: float) -> sa.Update:
+    """The UPDATE that gives ``owner``'s leased rows back untried, due at ``due_at``; a
+    row tried before goes back to deferred, so its last reply still says why it waits."""
+    status = sa.case(
+        (recipient.c.attempts > 0, RecipientStatus.DEFERRED.value),
+        else_=RecipientStatus.QUEUED.value,
+    )
+    return (
+        recipient.update()
+        .where(
+            recipient.c.id.in_(list(ids)),
+            recipient.c.lease_owner == owner,
+            recipient.c.status == RecipientStatus.SENDING.value,
+        )
+        .values(status=status, due_at=due_at, lease_owner=None)
+    )
+
+
 class Store:
     def __init__(
         self,
@@ -1103,21 +1121,15 @@ class Store:
             )
         return int(res.rowcount)
 
-    async def release_leases(self, owner: str, ids: Sequence[int]) -> None:
-        """Give rows back untouched (graceful shutdown before an attempt started)."""
+    async def release_leases(
+        self, owner: str, ids: Sequence[int], due_at: float | None = None
+    ) -> None:
+        """Give rows back with no attempt counted (graceful shutdown before an attempt
+        started), due at ``due_at`` (None: now); see give_back."""
         if not ids:
             return
-        now = self.clock()
         async with self._write() as conn:
-            await conn.execute(
-                recipient.update()
-                .where(
-                    recipient.c.id.in_(list(ids)),
-                    recipient.c.lease_owner == owner,
-                    recipient.c.status == RecipientStatus.SENDING.value,
-                )
-                .values(status=RecipientStatus.QUEUED.value, due_at=now, lease_owner=None)
-            )
+            await conn.execute(give_back(owner, ids, self.clock() if due_at is None else due_at))
 
     async def message_for_delivery(self, message_id: str) -> tuple[bytes, str, int]:
         """(body, mail_from, account_id) of a message."""

@@ -13,7 +13,7 @@ metadata = sa.MetaData()
 # The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
 # are. Store.check_schema compares the database with it without loading Alembic; a
 # migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
-SCHEMA_HEAD: tuple[str, ...] = ("0003",)
+SCHEMA_HEAD: tuple[str, ...] = ("0004",)
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -351,4 +351,16 @@ mta_sts_policy = sa.Table(
     sa.Column("max_age", sa.Integer, nullable=False),
     sa.Column("fetched_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# delivery_hold: recipient domains an operator paused (``relay queue hold``,
+# relay/queue/holds.py). Their mail stays queued, untried, until the hold ends or is
+# released. ``until`` NULL: until released. Times are wall-clock seconds.
+delivery_hold = sa.Table(
+    "delivery_hold",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("until", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
 )

@@ -41,12 +41,18 @@ class _Closer:
         self.sock.close()
 
 
-async def test_a_destination_gets_its_sessions_only_and_other_mail_goes_past(
-    make_relay: MakeRelay, sink: SMTPSink, dns_server: DNSServer
-) -> None:
+def other_destination(sink: SMTPSink, dns_server: DNSServer) -> SMTPSink:
+    """A second destination, other.example, with its own sink (stop it when done)."""
     other = SMTPSink(host="127.0.0.4", port=sink.port).start()
     dns_server.add("other.example", "MX", "10 mx.other.example.")
     dns_server.add("mx.other.example", "A", "127.0.0.4")
+    return other
+
+
+async def test_a_destination_gets_its_sessions_only_and_other_mail_goes_past(
+    make_relay: MakeRelay, sink: SMTPSink, dns_server: DNSServer
+) -> None:
+    other = other_destination(sink, dns_server)
     sink.set_data_delay(0.5)  # example.org is slow: 12 messages, 2 at a time, >= 3 s
     relay = make_relay(
         {
