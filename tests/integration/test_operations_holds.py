@@ -48,7 +48,10 @@ async def test_a_held_domain_gets_no_attempt_while_others_flow_until_it_is_relea
         status, body = call(
             relay, "POST", "/api/v1/queue/release", ADMIN, {"domain": "example.org"}
         )
-        assert status == 200 and body["released"] == "example.org" and body["due_now"] == 1
+        assert status == 200 and body["released"] == "example.org"
+        # 1, or 0 when the retry above had it claimed and being given back just then: the
+        # give-back then finds no hold and makes it due (test_queue_holds_store.py).
+        assert body["due_now"] in (0, 1)
         sink.wait_for(1)
         assert "attempts=1" in wait_status(relay, held, "delivered")
         status, body = call(
