@@ -17,8 +17,9 @@ above it).
 Records (``purge_records``) go later, after ``retention.records``: a message with its
 recipients and events once every recipient is final and its last event is older than the
 cut; events of no message (refusals), the bounce log, inbound reports and webhook POSTs
-by their age. The cut is a UTC day boundary, and every day before it is first counted
-into stats_day (rollup.py), so the statistics of a day survive its rows.
+by their age; MTA-STS policies and operator holds once past their end. The cut is a UTC
+day boundary, and every day before it is first counted into stats_day (rollup.py), so
+the statistics of a day survive its rows.
 A message with an event after the cut (an open weeks later) waits until that one ages
 too: deleting it earlier would take a day's count away after the day was counted.
 """
@@ -38,9 +39,11 @@ from relay.queue.rollup import DAY
 from relay.queue.store import Store
 from relay.queue.tables import (
     bounce_log,
+    delivery_hold,
     event,
     inbound_report,
     message,
+    mta_sts_policy,
     recipient,
     webhook_delivery,
 )
@@ -280,5 +283,17 @@ async def purge_records(store: Store, cut: float, pause: float = 0.01) -> Record
         "inbound_report": await _delete_loose(
             store, inbound_report, inbound_report.c.at < edge, REPORT_ROWS, pause
         ),
+        # Delivery's own state, kept only while in force: one row per destination.
+        "mta_sts_policy": await _delete_expired(store, mta_sts_policy.c.expires_at),
+        "delivery_hold": await _delete_expired(store, delivery_hold.c.until),
     }
     return RecordSweep(rolled.days, messages, kept, loose)
+
+
+async def _delete_expired(store: Store, end: sa.Column[Any]) -> int:
+    """Delete the rows of ``end``'s table whose end has passed (now, not the cut: past its
+    end a row is never read again). One write: a row per destination, a few thousand at
+    most."""
+    async with store._write() as conn:
+        res = await conn.execute(end.table.delete().where(end < store.clock()))
+    return int(res.rowcount)

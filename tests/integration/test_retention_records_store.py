@@ -13,9 +13,17 @@ from relay.config import DatabaseConfig
 from relay.errors import NotFound, NotMigrated
 from relay.model import EventKind, Outcome, RecipientStatus
 from relay.queue import events as q
-from relay.queue import retention, rollup
+from relay.queue import holds, mtasts, retention, rollup
 from relay.queue.store import NewMessage, NewRecipient, OutcomeUpdate, Store
-from relay.queue.tables import bounce_log, event, inbound_report, stats_day, webhook_delivery
+from relay.queue.tables import (
+    bounce_log,
+    delivery_hold,
+    event,
+    inbound_report,
+    mta_sts_policy,
+    stats_day,
+    webhook_delivery,
+)
 from tests.support.store import clock_of
 
 DAY = 86400.0
@@ -159,6 +167,8 @@ async def test_old_records_go_and_the_statistics_of_their_days_stay(store: Store
         "webhook_delivery": 2,  # "delivered"'s and the loose one: by age
         "bounce_log": 1,
         "inbound_report": 1,
+        "mta_sts_policy": 0,
+        "delivery_hold": 0,
     }
     for gone in ("delivered", "bounced"):
         with pytest.raises(NotFound):
@@ -182,6 +192,24 @@ async def test_old_records_go_and_the_statistics_of_their_days_stay(store: Store
     nothing = await retention.purge_records(store, cut=clock_of(store).now - 90 * DAY, pause=0)
     assert (nothing.days_rolled, nothing.messages, nothing.kept) == (0, 0, 1)
     assert not any(nothing.loose.values())
+
+
+async def test_mta_sts_policies_and_holds_past_their_end_go_and_those_in_force_stay(
+    store: Store,
+) -> None:
+    now = clock_of(store).now
+    for name, expires in (("gone.example", now - 1), ("kept.example", now + DAY)):
+        await mtasts.save(store, name, mtasts.StoredPolicy("id", "enforce", ("mx",), DAY, expires))
+    await holds.hold(store, "over.example", "", now + 60)
+    await holds.hold(store, "open.example", "", None)
+    await holds.hold(store, "later.example", "", now + DAY)
+    clock_of(store).now += 61
+    swept = await retention.purge_records(store, cut=now - 90 * DAY, pause=0)
+    assert (swept.loose["mta_sts_policy"], swept.loose["delivery_hold"]) == (1, 1)
+    assert await mtasts.load(store, "kept.example") is not None
+    assert await _count(store, mta_sts_policy) == 1
+    assert sorted(await holds.active(store)) == ["later.example", "open.example"]
+    assert await _count(store, delivery_hold) == 2
 
 
 async def test_a_range_ending_inside_a_counted_day_counts_that_day_whole(store: Store) -> None:
