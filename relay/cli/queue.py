@@ -50,10 +50,13 @@ def register(sub: Any) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", help="queue id")
     which.add_argument("--domain", help="every waiting recipient at this domain")
+    which.add_argument(
+        "--account", help="every waiting recipient of this account's mail (after a suspend)"
+    )
     p.add_argument(
         "--status",
         choices=[s.value for s in WAITING_STATUSES],
-        help="with --domain: only recipients in this status",
+        help="with --domain or --account: only recipients in this status",
     )
     p.set_defaults(handler=with_store(cmd_delete))
     p = qsub.add_parser(
@@ -183,13 +186,18 @@ async def cmd_retry(store: Store, cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_delete(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    status = RecipientStatus(args.status) if args.status else None
+    if args.account is not None:
+        account = await store.get_account(args.account)
+        n = await operate.delete_waiting(store, status, account_id=account.id)
+        print(f"{n} waiting recipient(s) of account {account.name} deleted")
+        return 0
     if args.id is None:
-        status = RecipientStatus(args.status) if args.status else None
         n = await operate.delete_domain(store, args.domain, status)
         print(f"{n} waiting recipient(s) at {args.domain} deleted")
         return 0
     if args.status:
-        print("relay queue delete: --status goes with --domain")
+        print("relay queue delete: --status goes with --domain or --account")
         return 2
     n = await store.delete_message(args.id)
     print(f"{n} recipient(s) of {args.id} deleted")

@@ -1,4 +1,5 @@
-"""blocklist list | add | remove; suppression list | add | remove; account show | resume."""
+"""blocklist list | add | remove; suppression list | add | remove; account show | suspend |
+resume."""
 
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def register_account(asub: Any) -> None:
     p = asub.add_parser("show", help="an account's state, bounce and complaint rates")
     p.add_argument("name")
     p.set_defaults(handler=with_store(cmd_account_show))
+    p = asub.add_parser(
+        "suspend",
+        help="refuse an account's mail and hold what it has queued (leaked credentials)",
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", default="", help="shown to its SMTP clients and in the event")
+    p.set_defaults(handler=with_store(cmd_account_suspend))
     p = asub.add_parser("resume", help="lift a suspension and restart the rate window")
     p.add_argument("name")
     p.set_defaults(handler=with_store(cmd_account_resume))
@@ -156,6 +164,20 @@ async def cmd_account_show(store: Store, cfg: Config, args: argparse.Namespace) 
     print(
         f"complaints  {stats.complaint_rate:.3%} ({stats.complaints} of {stats.sent});"
         f" threshold {r.complaint_threshold:.3%}"
+    )
+    return 0
+
+
+async def cmd_account_suspend(store: Store, cfg: Config, args: argparse.Namespace) -> int:
+    account = await store.get_account(args.name)
+    reason = args.reason or "suspended by the operator"
+    if not await q.suspend(store, account.id, reason, {"by": "operator"}):
+        return fail(f"account {account.name} is suspended already")
+    print(
+        f"account {account.name} suspended: its MAIL FROM is refused (550 5.7.1) within"
+        f" {cfg.database.cache_seconds:g} s on every node, and its waiting mail is held."
+        f" `relay queue delete --account {account.name}` drops that mail;"
+        f" `relay account resume {account.name}` sends it."
     )
     return 0
 

@@ -60,7 +60,7 @@ class AccountSuspended:
             550,
             "5.7.1",
             f"Account {state.name} is suspended{since}: {why};"
-            f" clean the list, then `relay account resume {state.name}`",
+            f" `relay account resume {state.name}` lifts it",
             self.name,
         )
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relay.model import RETRYABLE_STATUSES, WAITING_STATUSES, RecipientStatus
 from relay.queue import meta
 from relay.queue.store import Store
-from relay.queue.tables import recipient
+from relay.queue.tables import message, recipient
 
 #: Age columns of the summary (seconds since acceptance), as qshape's but fewer.
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -149,23 +149,37 @@ async def flushed_since(store: Store, name: str, since: float) -> bool:
 
 
 async def delete_domain(store: Store, domain: str, status: RecipientStatus | None = None) -> int:
-    """Drop every waiting recipient of ``domain`` (only ``status``, if given) as
-    ``deleted``, each with its event, as ``relay queue delete ID`` does for one message.
-    A recipient being delivered right now (leased) is dropped too: the attempt's outcome
-    then finds its lease gone and is not recorded (the MX may still take the message)."""
+    """Drop every waiting recipient of ``domain`` (only ``status``, if given); see
+    delete_waiting."""
+    return await delete_waiting(store, status, domain=domain)
+
+
+async def delete_waiting(
+    store: Store,
+    status: RecipientStatus | None,
+    *,
+    domain: str | None = None,
+    account_id: int | None = None,
+) -> int:
+    """Drop every waiting recipient at ``domain`` or of ``account_id``'s messages (only
+    ``status``, if given) as ``deleted``, each with its event, as ``relay queue delete
+    ID`` does for one message. A recipient being delivered right now (leased) is dropped
+    too: the attempt's outcome then finds its lease gone and is not recorded (the MX may
+    still take the message)."""
     statuses = [status.value] if status is not None else [s.value for s in WAITING_STATUSES]
+    which: sa.ColumnElement[bool] = recipient.c.status.in_(statuses)
+    by: dict[str, object] = {"by": "operator"}
+    if domain is not None:
+        which = sa.and_(which, _domain_is(domain))
+        by["domain"] = domain
+    if account_id is not None:
+        mine = sa.select(message.c.id).where(message.c.account_id == account_id)
+        which = sa.and_(which, recipient.c.message_id.in_(mine))
+        by["account_id"] = account_id
     # One read finds them (through the status index); each write then changes only rows
     # still waiting, so one delivered meanwhile is left as it is.
     async with store._read() as conn:
-        ids = list(
-            (
-                await conn.execute(
-                    sa.select(recipient.c.id).where(
-                        recipient.c.status.in_(statuses), _domain_is(domain)
-                    )
-                )
-            ).scalars()
-        )
+        ids = list((await conn.execute(sa.select(recipient.c.id).where(which))).scalars())
     total = 0
     for start in range(0, len(ids), DELETE_CHUNK):
         async with store._write() as conn:
@@ -178,6 +192,6 @@ async def delete_domain(store: Store, domain: str, status: RecipientStatus | Non
                     # chunk of 200 among 200,000 waiting (EXPLAIN QUERY PLAN).
                     (recipient.c.status + "").in_(statuses),
                 ),
-                {"by": "operator", "domain": domain},
+                by,
             )
     return total

@@ -108,3 +108,21 @@ async def test_a_retry_by_domain_or_of_all_is_a_flush_request_delivery_can_see(
     await operate.retry_domain(store, "new.example")
     assert not await operate.flushed_since(store, "dead.example", 0)
     assert await operate.flushed_since(store, "new.example", clock.now - 1)
+
+
+async def test_delete_by_account_drops_only_that_accounts_waiting_rows(store: Store) -> None:
+    alice = await store.add_account("alice", "x")
+    bob = await store.add_account("bob", "x")
+    await _accept(store, alice.id, "a1", "x@one.test", "y@two.test")
+    await _accept(store, bob.id, "b1", "z@one.test")
+    await _defer_all(store)
+    await _accept(store, alice.id, "a2", "w@one.test")
+
+    assert await operate.delete_waiting(store, RecipientStatus.QUEUED, account_id=alice.id) == 1
+    assert await operate.delete_waiting(store, None, account_id=alice.id) == 2
+    assert await operate.delete_waiting(store, None, account_id=alice.id) == 0
+    assert {r.message_id for r in await store.queue_list(None)} == {"b1"}
+    view = await store.message_view("a1")
+    assert {e.kind for e in view.events} >= {"deleted"}
+    deleted = [e for e in view.events if e.kind == "deleted"]
+    assert {e.data["account_id"] for e in deleted} == {alice.id}

@@ -221,3 +221,47 @@ async def test_crossing_the_bounce_rate_suspends_and_resume_restores(
     assert "active" in relay.cli("account", "show", "alice").stdout
     refused, _ = await send(relay, ["b@example.org"])
     assert refused == {}
+
+
+async def test_an_operator_suspends_a_leaked_account_and_drops_its_queued_mail(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    # Leaked credentials at 3 a.m.: stop the account's mail now, drop what it queued.
+    relay = make_relay({"delivery": {"retry_first": 3600, "retry_max": 3600}})
+    relay.setup()
+    relay.start()
+    sink.set_rcpt_reply(None, "451 4.7.1 try later")  # what it sent waits, deferred
+    await send(relay, ["s1@example.org", "s2@example.org"])
+    await asyncio.to_thread(
+        wait_until,
+        lambda: relay.cli("queue", "list", "--status", "deferred").stdout.count(" deferred ") == 2,
+    )
+    out = relay.cli("account", "suspend", "alice", "--reason", "credentials leaked").stdout
+    assert "account alice suspended" in out
+    assert "credentials leaked" in relay.cli("account", "show", "alice").stdout
+    held = relay.cli("queue", "list", "--status", "held").stdout
+    assert held.count(" held ") == 2
+    again = relay.cli("account", "suspend", "alice", check=False)
+    assert again.returncode != 0 and "suspended already" in again.stderr + again.stdout
+
+    # Within the state cache's few seconds, its next MAIL FROM is refused by name.
+    refusal: aiosmtplib.SMTPSenderRefused | None = None
+    for _ in range(40):
+        try:
+            await send(relay, ["s3@example.org"])
+        except aiosmtplib.SMTPSenderRefused as exc:
+            refusal = exc
+            break
+        await asyncio.sleep(0.25)
+    assert refusal is not None and refusal.code == 550
+    assert refusal.message.startswith("5.7.1") and "credentials leaked" in refusal.message
+
+    # The two held, and whatever was accepted before the listener's cached state expired.
+    dropped = relay.cli("queue", "delete", "--account", "alice").stdout
+    assert int(dropped.split()[0]) >= 2 and "of account alice deleted" in dropped
+    assert relay.cli("queue", "list").stdout.count("@example.org") == 0
+    assert "0 held recipients queued" in relay.cli("account", "resume", "alice").stdout
+    sink.clear_replies()
+    refused, _ = await send(relay, ["ok@example.org"])
+    assert refused == {}
+    assert [m.rcpt_tos for m in sink.wait_for(1)] == [("ok@example.org",)]
