@@ -23,6 +23,7 @@ from relay.http.server import CONTEXT, route_installer
 from relay.model import WAITING_STATUSES, EventKind, RecipientStatus
 from relay.queue import events as q
 from relay.queue import holds, operate
+from relay.queue import reputation as rep
 from relay.queue.events import Webhook
 
 log = logging.getLogger("relay.api")
@@ -407,6 +408,30 @@ async def list_accounts(request: web.Request) -> web.Response:
     )
 
 
+async def suspend_account(request: web.Request) -> web.Response:
+    """``relay account suspend``: refuse the account's mail and hold what it queued."""
+    require_admin(await caller(request))
+    body = await json_body(request)
+    reason = body.get("reason", "")
+    if not isinstance(reason, str):
+        raise APIError(400, "bad_request", "reason: expected a string")
+    store = request.app[CONTEXT].store
+    account = await store.get_account(request.match_info["name"])
+    why = reason or "suspended by the operator"
+    if not await rep.suspend(store, account.id, why, {"by": "operator"}):
+        raise APIError(409, "conflict", f"account {account.name} is suspended already")
+    return web.json_response({"account": account.name, "status": "suspended", "reason": why})
+
+
+async def resume_account(request: web.Request) -> web.Response:
+    """``relay account resume``: lift a suspension; its held mail is queued again."""
+    require_admin(await caller(request))
+    store = request.app[CONTEXT].store
+    account = await store.get_account(request.match_info["name"])
+    released = await rep.resume(store, account.id)
+    return web.json_response({"account": account.name, "status": "active", "released": released})
+
+
 async def queue_summary(request: web.Request) -> web.Response:
     """Waiting mail by destination domain (``relay queue summary``)."""
     require_admin(await caller(request))
@@ -545,6 +570,8 @@ def install(app: web.Application) -> None:
     r.add_delete(f"{PREFIX}/webhooks/{{id}}", delete_hook)
     r.add_post(f"{PREFIX}/apikeys", create_key)
     r.add_get(f"{PREFIX}/accounts", list_accounts)
+    r.add_post(f"{PREFIX}/accounts/{{name}}/suspend", suspend_account)
+    r.add_post(f"{PREFIX}/accounts/{{name}}/resume", resume_account)
     r.add_get(f"{PREFIX}/queue", queue_summary)
     r.add_post(f"{PREFIX}/queue/retry", queue_retry)
     r.add_post(f"{PREFIX}/queue/delete", queue_delete)

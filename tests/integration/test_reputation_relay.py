@@ -14,6 +14,7 @@ import aiohttp
 import aiosmtplib
 import pytest
 
+from tests.integration.test_api_auth import ADMIN, call
 from tests.support.dkimcheck import dkim_verifies
 from tests.support.dnsserver import DNSServer
 from tests.support.relayproc import (
@@ -265,3 +266,25 @@ async def test_an_operator_suspends_a_leaked_account_and_drops_its_queued_mail(
     refused, _ = await send(relay, ["ok@example.org"])
     assert refused == {}
     assert [m.rcpt_tos for m in sink.wait_for(1)] == [("ok@example.org",)]
+
+
+async def test_the_admin_api_suspends_and_resumes_an_account_and_refuses_others(
+    make_relay: MakeRelay, sink: SMTPSink
+) -> None:
+    relay = make_relay({"api": {"admin_key": ADMIN}})
+    relay.setup()
+    relay.start()
+    path = "/api/v1/accounts/alice/suspend"
+    status, body = call(relay, "POST", path, ADMIN, {"reason": "credentials leaked"})
+    assert status == 200
+    assert body == {"account": "alice", "status": "suspended", "reason": "credentials leaked"}
+    assert "credentials leaked" in relay.cli("account", "show", "alice").stdout
+    status, body = call(relay, "POST", path, ADMIN, {})
+    assert status == 409 and "suspended already" in body["error"]["message"]
+    assert call(relay, "POST", "/api/v1/accounts/nobody/suspend", ADMIN, {})[0] == 404
+    assert call(relay, "POST", path, ADMIN, {"reason": 7})[0] == 400
+    assert call(relay, "POST", path, "not-the-key", {})[0] == 401
+
+    status, body = call(relay, "POST", "/api/v1/accounts/alice/resume", ADMIN)
+    assert status == 200 and body == {"account": "alice", "status": "active", "released": 0}
+    assert "state       active" in relay.cli("account", "show", "alice").stdout
