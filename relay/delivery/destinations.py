@@ -165,6 +165,8 @@ class Destinations:
                 learned.touched = now
             return None
         self._learned[name] = _Learned(taken, now)
+        if len(self._learned) > 10_000:  # forget the limits no destination used for a window
+            self.lowered()  # (reading each one drops those past remember_for)
         return taken
 
     def delivered(self, name: str) -> None:

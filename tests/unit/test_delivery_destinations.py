@@ -215,3 +215,13 @@ async def test_a_waiting_session_cancelled_gives_its_turn_to_the_next() -> None:
     await asyncio.gather(tasks[0], tasks[2])
     assert entered == [0, 2]
     assert dests._gates == {}
+
+
+async def test_lowered_limits_past_the_window_are_dropped_when_many_are_kept() -> None:
+    dests, clock = _learning(limit=20, remember=600)
+    for n in range(10_000):
+        dests.refused(f"d{n}.example")
+    clock.now += 601
+    assert len(dests._learned) == 10_000
+    dests.refused("fresh.example")  # the 10,001st: the stale ones go
+    assert list(dests._learned) == ["fresh.example"]
