@@ -177,7 +177,8 @@ async def cmd_retry(store: Store, cfg: Config, args: argparse.Namespace) -> int:
         where = f"at {args.domain}" if args.domain else "in the queue"
         print(f"{n} waiting recipient(s) {where} due now")
         held = await holds.active(store)
-        for name in sorted(held if args.domain is None else held.keys() & {args.domain.lower()}):
+        wanted = held.keys() if args.domain is None else {operate.domain_key(args.domain)}
+        for name in sorted(held.keys() & wanted):
             print(f"{name} is held: its mail still waits (relay queue release --domain {name})")
         return 0
     n = await store.retry_now(args.id)
@@ -222,16 +223,16 @@ async def cmd_hold(store: Store, cfg: Config, args: argparse.Namespace) -> int:
         return 2
     until = None if args.duration is None else store.clock() + args.duration
     moved = await holds.hold(store, args.domain, args.reason, until)
-    name = args.domain.lower().rstrip(".")
+    name = operate.domain_key(args.domain)
     print_holds({k: h for k, h in (await holds.active(store)).items() if k == name})
     print(f"{moved} waiting recipient(s) at {args.domain} wait for the hold to end")
     return 0
 
 
 async def cmd_release(store: Store, cfg: Config, args: argparse.Namespace) -> int:
-    if not await holds.release(store, args.domain):
+    n = await holds.lift(store, args.domain)
+    if n is None:
         print(f"{args.domain} was not held")
         return 1
-    n = await operate.retry_domain(store, args.domain)
     print(f"{args.domain} released: {n} waiting recipient(s) due now")
     return 0

@@ -170,8 +170,7 @@ async def cmd_account_show(store: Store, cfg: Config, args: argparse.Namespace) 
 
 async def cmd_account_suspend(store: Store, cfg: Config, args: argparse.Namespace) -> int:
     account = await store.get_account(args.name)
-    reason = args.reason or "suspended by the operator"
-    if not await q.suspend(store, account.id, reason, {"by": "operator"}):
+    if await q.suspend_by_operator(store, account.id, args.reason) is None:
         return fail(f"account {account.name} is suspended already")
     print(
         f"account {account.name} suspended: its MAIL FROM is refused (550 5.7.1) within"

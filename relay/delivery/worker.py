@@ -437,17 +437,8 @@ class DeliveryWorker:
                 verify=verify,
                 give_back=give_back,
             )
-            if unreachable is not None and _says_busy(unreachable):
-                self._refused(rcpt_domain, unreachable.reply)
-            if unreachable is not None and not gave_back:
-                suspended = self.destinations.unreachable(rcpt_domain, unreachable.reply)
-                if suspended:
-                    log.warning(
-                        "delivery to %s suspended for %.0f s: no MX host could be reached (%s)",
-                        rcpt_domain,
-                        suspended,
-                        unreachable.reply,
-                    )
+            if unreachable is not None:
+                self._unreachable(rcpt_domain, unreachable, gave_back)
         finally:
             ahead.close()
             self.destinations.ended(rcpt_domain)
@@ -461,6 +452,22 @@ class DeliveryWorker:
         if missing:
             await self._record(missing, outcomes)
         return []
+
+    def _unreachable(self, rcpt_domain: str, refusal: Outcome, gave_back: bool) -> None:
+        """No session to the destination could be opened: lower its limit, and suspend it
+        unless its mail was given back (another session to it is under way)."""
+        if _says_busy(refusal):
+            self._refused(rcpt_domain, refusal.reply)
+        if gave_back:
+            return
+        suspended = self.destinations.unreachable(rcpt_domain, refusal.reply)
+        if suspended:
+            log.warning(
+                "delivery to %s suspended for %.0f s: no MX host could be reached (%s)",
+                rcpt_domain,
+                suspended,
+                refusal.reply,
+            )
 
     def _refused(self, rcpt_domain: str, reply: str) -> None:
         lowered = self.destinations.refused(rcpt_domain)

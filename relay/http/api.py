@@ -417,8 +417,8 @@ async def suspend_account(request: web.Request) -> web.Response:
         raise APIError(400, "bad_request", "reason: expected a string")
     store = request.app[CONTEXT].store
     account = await store.get_account(request.match_info["name"])
-    why = reason or "suspended by the operator"
-    if not await rep.suspend(store, account.id, why, {"by": "operator"}):
+    why = await rep.suspend_by_operator(store, account.id, reason)
+    if why is None:
         raise APIError(409, "conflict", f"account {account.name} is suspended already")
     return web.json_response({"account": account.name, "status": "suspended", "reason": why})
 
@@ -529,12 +529,10 @@ async def queue_release(request: web.Request) -> web.Response:
     """End the hold of ``domain``: its waiting mail is due now."""
     require_admin(await caller(request))
     domain = _required_domain(await json_body(request))
-    store = request.app[CONTEXT].store
-    if not await holds.release(store, domain):
+    n = await holds.lift(request.app[CONTEXT].store, domain)
+    if n is None:
         raise APIError(404, "not_found", f"{domain} is not held")
-    return web.json_response(
-        {"released": domain, "due_now": await operate.retry_domain(store, domain)}
-    )
+    return web.json_response({"released": domain, "due_now": n})
 
 
 async def queue_delete(request: web.Request) -> web.Response:

@@ -55,7 +55,7 @@ class AccountSuspended:
         if state is None or state.status is not AccountStatus.SUSPENDED:
             return None
         since = f" since {_day(state.suspended_at)}" if state.suspended_at else ""
-        why = state.suspended_reason or "suspended by the operator"
+        why = state.suspended_reason or q.BY_OPERATOR
         return Verdict(
             550,
             "5.7.1",

@@ -19,7 +19,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from relay.model import RETRYABLE_STATUSES
-from relay.queue import dialect
+from relay.queue import dialect, operate
+from relay.queue.operate import domain_key
 from relay.queue.store import Store, give_back
 from relay.queue.tables import delivery_hold, recipient
 
@@ -39,15 +40,11 @@ class Hold:
         return self.until if self.until is not None else now + RECHECK
 
 
-def _name(domain: str) -> str:
-    return domain.lower().rstrip(".")
-
-
 async def hold(store: Store, domain: str, reason: str, until: float | None) -> int:
     """Hold ``domain`` (replacing a hold it had); the number of its waiting recipients
     moved to the hold's end. Rows being delivered right now finish their attempt."""
     now = store.clock()
-    name = _name(domain)
+    name = domain_key(domain)
     values = {"reason": reason, "until": until, "created_at": now}
     due = Hold(name, reason, until, now).due(now)
     stmt = dialect.upsert_insert(store.dialect, delivery_hold).values(domain=name, **values)
@@ -81,14 +78,18 @@ async def postpone(store: Store, owner: str, domain: str, ids: Sequence[int]) ->
     async with store._write() as conn:
         row = (
             await conn.execute(
-                sa.select(delivery_hold).where(delivery_hold.c.domain == _name(domain))
+                sa.select(delivery_hold).where(
+                    delivery_hold.c.domain == domain_key(domain), _in_force(now)
+                )
             )
         ).first()
         found = None if row is None else _hold(row)
-        if found is not None and found.until is not None and found.until <= now:
-            found = None
         await conn.execute(give_back(owner, ids, now if found is None else found.due(now)))
     return found
+
+
+def _in_force(now: float) -> sa.ColumnElement[bool]:
+    return sa.or_(delivery_hold.c.until.is_(None), delivery_hold.c.until > now)
 
 
 def _hold(row: sa.Row[Any]) -> Hold:
@@ -97,29 +98,25 @@ def _hold(row: sa.Row[Any]) -> Hold:
 
 
 async def release(store: Store, domain: str) -> bool:
-    """End the hold of ``domain``; whether it had one. (The caller then makes its mail
-    due: operate.retry_domain.)"""
+    """End the hold of ``domain``; whether it had one. Its mail stays where the hold put
+    it: see lift."""
     async with store._write() as conn:
         res = await conn.execute(
-            delivery_hold.delete().where(delivery_hold.c.domain == _name(domain))
+            delivery_hold.delete().where(delivery_hold.c.domain == domain_key(domain))
         )
     return bool(res.rowcount)
 
 
+async def lift(store: Store, domain: str) -> int | None:
+    """What ``relay queue release`` does: end the hold of ``domain`` and make its waiting
+    mail due now; how many recipients that made due (None: it was not held)."""
+    if not await release(store, domain):
+        return None
+    return await operate.retry_domain(store, domain)
+
+
 async def active(store: Store) -> dict[str, Hold]:
     """Every hold in force now, by domain."""
-    now = store.clock()
     async with store._read() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(delivery_hold).where(
-                    sa.or_(delivery_hold.c.until.is_(None), delivery_hold.c.until > now)
-                )
-            )
-        ).all()
-    return {
-        r.domain: Hold(
-            r.domain, r.reason, None if r.until is None else float(r.until), float(r.created_at)
-        )
-        for r in rows
-    }
+        rows = (await conn.execute(sa.select(delivery_hold).where(_in_force(store.clock())))).all()
+    return {r.domain: _hold(r) for r in rows}

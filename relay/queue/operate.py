@@ -99,8 +99,13 @@ async def shape(store: Store) -> list[DomainShape]:
     return sorted(domains.values(), key=lambda d: (-d.total, d.domain))
 
 
+def domain_key(name: str) -> str:
+    """A recipient domain as the queue keeps it (rcpt_domain): lower case, no final dot."""
+    return name.lower().rstrip(".")
+
+
 def _domain_is(name: str) -> sa.ColumnElement[bool]:
-    return recipient.c.rcpt_domain == name.lower().rstrip(".")
+    return recipient.c.rcpt_domain == domain_key(name)
 
 
 async def retry_domain(store: Store, domain: str | None) -> int:
@@ -114,7 +119,7 @@ async def retry_domain(store: Store, domain: str | None) -> int:
         res = await conn.execute(
             recipient.update().where(cond, recipient.c.due_at > now).values(due_at=now)
         )
-        await _mark_flush(conn, store, "*" if domain is None else domain.lower().rstrip("."), now)
+        await _mark_flush(conn, store, "*" if domain is None else domain_key(domain), now)
     return int(res.rowcount)
 
 

@@ -625,6 +625,18 @@ async def suspend(store: Store, account_id: int, reason: str, data: dict[str, An
     return True
 
 
+# The reason of a suspension an operator gave none for.
+BY_OPERATOR = "suspended by the operator"
+
+
+async def suspend_by_operator(store: Store, account_id: int, reason: str) -> str | None:
+    """``relay account suspend`` and its API: suspend with ``reason`` (or BY_OPERATOR),
+    the event saying ``by: operator``. The reason given, or None if it was suspended
+    already."""
+    why = reason or BY_OPERATOR
+    return why if await suspend(store, account_id, why, {"by": "operator"}) else None
+
+
 async def resume(store: Store, account_id: int) -> int:
     """Lift a suspension, restart the rate window, release held mail; rows released."""
     now = store.clock()
