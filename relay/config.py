@@ -37,7 +37,8 @@ class DatabaseConfig:
     pool_size: int = 10
     statement_timeout: float = 30.0
     # Seconds this process keeps slow-changing rows (accounts, domains, limit overrides,
-    # reputation levels) between reads; changes made by other processes show within it.
+    # reputation levels) between reads: a backstop, since other processes' changes show
+    # within cache.CHECK_EVERY (0.5 s) through row_change's generation.
     cache_seconds: float = 5.0
 
     @property

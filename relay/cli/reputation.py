@@ -11,6 +11,7 @@ from relay.cli import fail, with_store
 from relay.config import Config
 from relay.model import AccountStatus
 from relay.queue import reputation as q
+from relay.queue.cache import CHECK_EVERY
 from relay.queue.store import Store
 
 
@@ -174,7 +175,7 @@ async def cmd_account_suspend(store: Store, cfg: Config, args: argparse.Namespac
         return fail(f"account {account.name} is suspended already")
     print(
         f"account {account.name} suspended: its MAIL FROM is refused (550 5.7.1) within"
-        f" {cfg.database.cache_seconds:g} s on every node, and its waiting mail is held."
+        f" {CHECK_EVERY:g} s on every node, and its waiting mail is held."
         f" `relay queue delete --account {account.name}` drops that mail;"
         f" `relay account resume {account.name}` sends it."
     )

@@ -52,7 +52,7 @@ async def cached_overrides(store: Store, scope: str, name: str) -> Mapping[str, 
         return {r.key: r.value for r in rows}
 
     # Cached (relay/queue/cache.py): `relay limits set` from the CLI applies within
-    # database.cache_seconds.
+    # cache.CHECK_EVERY.
     return await store.cache.fetch(("limit_override", scope, name), load)
 
 

@@ -51,6 +51,7 @@ from relay.queue.tables import (
     event,
     message,
     recipient,
+    row_change,
 )
 from relay.queue.writelock import WriteLock
 
@@ -210,6 +211,8 @@ _ACCOUNT_BY_ID = sa.select(account).where(account.c.id == sa.bindparam("v"))
 _CREDENTIALS = sa.select(
     account.c.id, account.c.name, account.c.status, account.c.settings, account.c.password_hash
 ).where(account.c.name == sa.bindparam("v"))
+# Per cache.CHECK_EVERY while cached rows are read: other processes' writes to them.
+_ROW_GENERATION = sa.select(row_change.c.generation).where(row_change.c.id == 1)
 _COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
     counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since")
 )
@@ -217,9 +220,6 @@ _COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).wher
 _INSERT_MESSAGE = message.insert()
 _INSERT_RECIPIENT = recipient.insert()
 _INSERT_EVENT = event.insert()
-_COUNTER_SUM = sa.select(sa.func.coalesce(sa.func.sum(counter.c.value), 0)).where(
-    counter.c.key == sa.bindparam("key"), counter.c.window_start >= sa.bindparam("since")
-)
 # Alembic's own table: the revision(s) `relay migrate` brought the database to.
 _ALEMBIC_VERSION = sa.text("SELECT version_num FROM alembic_version")
 # Due recipients of one status, oldest first: walks ix_recipient_status_due in order, and
@@ -521,6 +521,7 @@ class Store:
         self.cache = RowCache(cache_seconds)
         if self.cache.enabled:
             self.cache.watch(engine)
+            self.cache.follow(self._row_generation)
 
     @classmethod
     def open(
@@ -646,6 +647,11 @@ class Store:
         with _translated():
             async with engine.connect() as conn, conn.begin():
                 yield conn
+
+    async def _row_generation(self) -> int:
+        """row_change.generation: moves when any process's write to a cached table commits."""
+        rows = await self._read_rows(_ROW_GENERATION, {})
+        return int(rows[0][0]) if rows else 0
 
     async def _read_rows(self, statement: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The rows of one prebuilt SELECT of the per-message hot path (see _read_many)."""

@@ -13,7 +13,7 @@ metadata = sa.MetaData()
 # The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
 # are. Store.check_schema compares the database with it without loading Alembic; a
 # migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
-SCHEMA_HEAD: tuple[str, ...] = ("0004",)
+SCHEMA_HEAD: tuple[str, ...] = ("0005",)
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -363,4 +363,15 @@ delivery_hold = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("until", sa.Float, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# row_change: one row whose ``generation`` every write to a table the row cache holds
+# bumps (relay/queue/cache.py CACHED_TABLES), by triggers migration 0005 creates, so a
+# write from any process (the CLI, another node, the sqlite3 shell) reaches every other
+# process's cache within cache.CHECK_EVERY instead of its TTL.
+row_change = sa.Table(
+    "row_change",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
 )

@@ -66,7 +66,7 @@ def account_name_for(networks: tuple[TrustedNetwork, ...], ip: str) -> str | Non
 class TrustedNetworks:
     """Resolves a client address to the Account it sends as, read per session through the
     store's row cache: a suspension made by this process applies to the next session at
-    once, one made by another process within ``database.cache_seconds``."""
+    once, one made by another process within ``cache.CHECK_EVERY``."""
 
     def __init__(self, store: Store, mapping: Mapping[str, str]) -> None:
         self.store = store

@@ -62,6 +62,17 @@ async def dialect_store(db_url: str) -> AsyncIterator[Store]:
         await s.close()
 
 
+@pytest.fixture
+async def other_node(db_url: str, dialect_store: Store) -> AsyncIterator[Store]:
+    """A second process on dialect_store's database (another node, or the CLI): node
+    "u", no row cache, the same clock."""
+    s = Store.open(DatabaseConfig(url=db_url), node_id="u", clock=dialect_store.clock)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 @pytest.fixture(
     params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
 )

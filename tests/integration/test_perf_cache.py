@@ -3,6 +3,10 @@ the remembered AUTH verification, against a real SQLite database."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from relay.config import LimitsConfig, SMTPConfig
@@ -12,6 +16,7 @@ from relay.passwords import hash_password
 from relay.policy.limits import Limits, RateLimit
 from relay.queue import limits as q
 from relay.queue import reputation as rq
+from relay.queue.cache import CHECK_EVERY
 from relay.queue.store import NewRecipient, RateLimited, Store
 from relay.smtp.auth import Authenticator
 
@@ -37,16 +42,60 @@ async def test_repeated_reads_are_served_from_the_cache_and_own_writes_show_at_o
     assert await q.get_overrides(server, "account", "alice") == {"rate": "3"}
 
 
-async def test_another_process_change_shows_after_the_ttl(stores: tuple[Store, Store]) -> None:
+async def test_another_process_change_shows_within_the_generation_check(
+    stores: tuple[Store, Store],
+) -> None:
     server, cli = stores
     await sender(server)
     now = [100.0]
     server.cache.clock = lambda: now[0]
     assert await q.get_overrides(server, "account", "alice") == {}
     await q.set_override(cli, "account", "alice", "rate", "3")
-    assert await q.get_overrides(server, "account", "alice") == {}  # within cache_seconds
-    now[0] += 5.1
+    now[0] += CHECK_EVERY / 2
+    assert await q.get_overrides(server, "account", "alice") == {}  # not looked yet
+    now[0] += CHECK_EVERY / 2
+    # Long before the TTL (cache_seconds 5): row_change.generation moved.
     assert await q.get_overrides(server, "account", "alice") == {"rate": "3"}
+
+
+async def test_a_row_changed_in_the_database_shell_reaches_the_cache(
+    stores: tuple[Store, Store], tmp_path: Path
+) -> None:
+    server, _cli = stores
+    acct = await sender(server)
+    now = [100.0]
+    server.cache.clock = lambda: now[0]
+    state = await rq.account_state(server, acct.id)
+    assert state is not None and state.status is AccountStatus.ACTIVE
+    # An operator's UPDATE in the sqlite3 shell: no relay code runs, the trigger does.
+    with sqlite3.connect(tmp_path / "relay.db") as shell:
+        shell.execute("UPDATE account SET status = 'suspended' WHERE id = ?", (acct.id,))
+    now[0] += CHECK_EVERY
+    state = await rq.account_state(server, acct.id)
+    assert state is not None and state.status is AccountStatus.SUSPENDED
+
+
+async def test_a_load_that_raced_a_clear_is_not_kept(stores: tuple[Store, Store]) -> None:
+    server, _cli = stores
+    cache = server.cache
+    started = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_old_row() -> str:
+        started.set()
+        await go_on.wait()
+        return "read before the change"
+
+    loading = asyncio.create_task(cache.fetch("k", slow_old_row))
+    await started.wait()
+    cache.clear()  # a change committed while the load was under way
+    go_on.set()
+    assert await loading == "read before the change"  # this caller gets what it read...
+    assert await cache.fetch("k", _fresh) == "fresh"  # ...but it was not kept
+
+
+async def _fresh() -> str:
+    return "fresh"
 
 
 async def test_verifying_a_domain_or_resuming_an_account_elsewhere_applies_at_once(
