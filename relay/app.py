@@ -76,6 +76,8 @@ class RelayApp:
         self._worker_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
+        self._tls_reports_task: asyncio.Task[None] | None = None
+        self._tls_reports_stop = asyncio.Event()
         self._stop = asyncio.Event()
         self.metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
@@ -146,6 +148,9 @@ class RelayApp:
         from relay.delivery.mx import MXResolver
         from relay.delivery.render import Renderer as ReputationRenderer
         from relay.delivery.scheduler import HeldScheduler
+        from relay.delivery.tlsreports import TlsReporter
+        from relay.delivery.tlsreports import run as run_tls_reports
+        from relay.delivery.tlsrpt import Tally
         from relay.delivery.worker import DeliveryWorker
         from relay.domains.recheck import Rechecker
         from relay.events.tracking import OpenTracker
@@ -177,6 +182,17 @@ class RelayApp:
             render=OpenTracker(self.store, cfg.tracking, tracking_base_url(cfg)).render,
         )
         self._worker_task = asyncio.create_task(self.worker.run())
+        # RFC 8460: delivery counts its sessions' TLS; the reporter stores the counts each
+        # minute and sends each ended day's reports (tls_reports.enabled, live).
+        tally = Tally(lambda: self.cfg.tls_reports.enabled)
+        self.worker.tls_tally = tally
+        resolver = self.resolver
+        self.tls_reporter = TlsReporter(
+            self.store, lambda: self.cfg, tally, lambda: resolver.resolver, self.worker.wake
+        )
+        self._tls_reports_task = asyncio.create_task(
+            run_tls_reports(self.tls_reporter, self._tls_reports_stop)
+        )
         self.http.ctx.extras["destinations"] = self.worker.destinations  # the queue API
         # Webhooks: own task, own concurrency and timeouts; never holds a delivery slot.
         self.webhooks = WebhookDispatcher(self.store, cfg.webhooks, self.owner)
@@ -294,6 +310,10 @@ class RelayApp:
             await self._scheduler_task
         if self.worker is not None:
             await self.worker.stop(max(0.0, deadline - time.monotonic()))
+        if self._tls_reports_task is not None:
+            # After delivery stopped: its last sessions' counts go in the final flush.
+            self._tls_reports_stop.set()
+            await self._tls_reports_task
         if self._recheck_task is not None:
             self.rechecker.stop()
             await cancel(self._recheck_task)

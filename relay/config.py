@@ -256,6 +256,27 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSReportsConfig:
+    """SMTP TLS reports (RFC 8460, relay/delivery/tlsreports.py) to the recipient domains
+    that publish ``_smtp._tls``: a daily count of delivery's TLS sessions to them."""
+
+    enabled: bool = False
+    # The mailto: reports' From and the account they are queued under. The address's
+    # domain should be a verified sender domain of that account: its DKIM key signs the
+    # report, which §3 asks of email reports. Both null: reports go only to https: URIs.
+    sender: str | None = None
+    account: str | None = None
+    # §4.4 organization-name and contact-info; null: hostname and the sender.
+    organization: str | None = None
+    contact: str | None = None
+    # A day's reports are made this long after it ends (UTC), so that every node has
+    # added its counts (they flush each minute); §5.1 asks for them within the next day.
+    send_after: float = 900.0
+    # Each HTTPS POST of a report; no retry (§5.4 leaves it to the sender).
+    http_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class APIConfig:
     """The HTTP API (relay/http/api.py)."""
 
@@ -349,6 +370,7 @@ class Config:
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     api: APIConfig = field(default_factory=APIConfig)
+    tls_reports: TLSReportsConfig = field(default_factory=TLSReportsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     path: str | None = None
@@ -425,6 +447,8 @@ _HOSTPORT_FIELDS = {
 }
 _OPTIONAL_STR_FIELDS = {"tls.cert", "tls.key", "http.public_url"}
 _OPTIONAL_STR_FIELDS |= {"api.admin_key", "tracking.public_url"}
+_OPTIONAL_STR_FIELDS |= {"tls_reports.sender", "tls_reports.account"}
+_OPTIONAL_STR_FIELDS |= {"tls_reports.organization", "tls_reports.contact"}
 _OPTIONAL_STR_FIELDS |= {"domains.spf_include", "domains.bounce_host", "delivery.tls_ca_file"}
 _OPTIONAL_STR_FIELDS |= {
     "reputation.bounce_domain",
@@ -691,6 +715,17 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         )
     if cfg.domains.recheck_interval < 1:
         problems.add("domains.recheck_interval", "must be >= 1 second")
+    reports = cfg.tls_reports
+    if (reports.sender is None) != (reports.account is None):
+        problems.add(
+            "tls_reports", "set both tls_reports.sender and tls_reports.account, or neither"
+        )
+    if reports.sender is not None and "@" not in reports.sender:
+        problems.add("tls_reports.sender", f"expected an email address, got {reports.sender!r}")
+    if not 0 <= reports.send_after <= 86400:
+        problems.add("tls_reports.send_after", "expected 0-86400 seconds")
+    if reports.http_timeout <= 0:
+        problems.add("tls_reports.http_timeout", "must be > 0")
     _validate_limits(cfg.limits, problems)
 
 

@@ -87,6 +87,9 @@ class ParsedMessage:
     # Octets of the longest line without CRLF when it is over RFC 5322 §2.1.1's 998;
     # 0 when every line is within it (then not measured: see has_line_over).
     longest_line: int = 0
+    # RFC 8689 §5: "TLS-Required: No", the sender's wish that delivery not refuse for
+    # want of (verified) TLS: the recipient domain's MTA-STS and require_tls are waived.
+    tls_optional: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -163,6 +166,11 @@ def decode_subject(raw: str) -> tuple[str, bool]:
     return text.replace("\r\n", "").replace("\n", ""), True
 
 
+# RFC 8689 §5.1: tls-required-field = "TLS-Required:" [FWS] "No" CRLF (ABNF strings are
+# case-insensitive). Searched in the header block: one regex pass over ~1-2 KB, where
+# adding it to _NEEDED would end _header_fields' early stop for nearly every message.
+_TLS_REQUIRED_NO = re.compile(rb"(?:^|\n)TLS-Required:[ \t]*(?:\r\n[ \t]+)?No[ \t]*\r", re.I)
+
 # The fields parse reads, lower case: Message.get compares names case-insensitively.
 _NEEDED = frozenset({"from", "subject", "message-id", "date"})
 # What compat32's Message.get returns for a present field: the raw str, or a Header
@@ -228,7 +236,7 @@ def _parse_with_email(data: bytes) -> ParsedMessage:
     head, _ = _split(data)
     msg = _HEADER_PARSER.parsebytes(head + b"\r\n")
     fields = {name: value for name in _NEEDED if (value := msg.get(name)) is not None}
-    return _from_fields(data, fields)
+    return _from_fields(data, fields, head)
 
 
 def parse(data: bytes) -> ParsedMessage:
@@ -239,10 +247,10 @@ def parse(data: bytes) -> ParsedMessage:
     fields = _header_fields(head)
     if fields is None:
         return _parse_with_email(data)
-    return _from_fields(data, fields)
+    return _from_fields(data, fields, head)
 
 
-def _from_fields(data: bytes, fields: Mapping[str, _Fetched]) -> ParsedMessage:
+def _from_fields(data: bytes, fields: Mapping[str, _Fetched], head: bytes) -> ParsedMessage:
     raw_from = str(fields.get("from", "") or "")
     from_address = first_address(raw_from)
     raw_subject = fields.get("subject", "")
@@ -264,6 +272,7 @@ def _from_fields(data: bytes, fields: Mapping[str, _Fetched]) -> ParsedMessage:
         message_id=str(fields.get("message-id", "") or "").strip(),
         has_date="date" in fields,
         longest_line=longest_line(data) if has_line_over(data, _RFC5322_LINE) else 0,
+        tls_optional=_TLS_REQUIRED_NO.search(head) is not None,
     )
 
 
@@ -352,6 +361,7 @@ class Intake:
                 client=client_ip,
                 counters=counters,
                 rate=rate,
+                tls_optional=parsed.tls_optional,
             )
         )
         return qid

@@ -239,6 +239,21 @@ MTA_STS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+TLS_SESSIONS = Counter(
+    "relay_delivery_tls_sessions_total",
+    "New delivery sessions by TLS outcome as RFC 8460 reports name it (success, "
+    "starttls-not-supported, certificate-*, validation-failure); counted with "
+    "tls_reports.enabled",
+    ["result"],
+    registry=REGISTRY,
+)
+TLS_REPORTS = Counter(
+    "relay_tls_reports_total",
+    "SMTP TLS reports (RFC 8460) by transport (https, mailto) and outcome (sent, queued, "
+    "failed; dropped: a POST given up after 24 h of retries)",
+    ["transport", "outcome"],
+    registry=REGISTRY,
+)
 BODIES_PURGED = Counter(
     "relay_retention_bodies_purged_total",
     "Message bodies emptied by the retention sweep (every recipient final, older than "
@@ -339,6 +354,14 @@ def concurrency_lowered() -> None:
 
 def mta_sts(outcome: str) -> None:
     MTA_STS.labels(outcome).inc()
+
+
+def tls_session(result: str) -> None:
+    TLS_SESSIONS.labels(result or "success").inc()
+
+
+def tls_report(transport: str, outcome: str) -> None:
+    TLS_REPORTS.labels(transport, outcome).inc()
 
 
 def dns_failure(kind: str) -> None:

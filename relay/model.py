@@ -150,6 +150,8 @@ class Claim:
     # The message's size in bytes (message.size): delivery prepares a session's
     # messages a bounded number of bytes ahead of what it sends (worker.py).
     size: int = 0
+    # The message said "TLS-Required: No" (RFC 8689): no MTA-STS, no require_tls.
+    tls_optional: bool = False
 
 
 @dataclass(frozen=True, slots=True)

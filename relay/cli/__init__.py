@@ -50,8 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from relay.cli import limits as limits_cli
     from relay.cli import reputation as reputation_cli
+    from relay.cli import tlsreports as tls_cli
 
-    for module in (serve, accounts, domains, queue, events_cli, limits_cli, reputation_cli):
+    for module in (
+        serve,
+        accounts,
+        domains,
+        queue,
+        events_cli,
+        limits_cli,
+        reputation_cli,
+        tls_cli,
+    ):
         module.register(sub)
     return parser
 

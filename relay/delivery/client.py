@@ -26,9 +26,13 @@ from relay import metrics
 from relay.delivery.mtasts import verifying_context
 from relay.delivery.mx import Target
 from relay.delivery.smtpclient import Reply, ReplyError, SessionBroken, SMTPConnection
+from relay.delivery.tlsrpt import Result, TlsAttempt, certificate_result
 from relay.model import Outcome, RecipientStatus
 
 log = logging.getLogger("relay.delivery")
+
+# _connect's answer when a probe's certificate check failed: connect again, unchecked.
+_AGAIN = Outcome(RecipientStatus.DEFERRED, "4.7.5 connect again without the check", None)
 
 
 @dataclass
@@ -169,6 +173,9 @@ class DestinationSession:
         if (
             self.cache_time <= 0
             or self.idle_sessions >= self.max_idle
+            # A session in clear (a "TLS-Required: No" batch's) must not carry the next
+            # batch when TLS is required.
+            or (self.require_tls and not tls)
             or not client.is_idle_clean
             or time.monotonic() - client.opened_at >= self.reuse_time
         ):
@@ -197,73 +204,126 @@ class DestinationSession:
                 self._expire(key, entry)
 
     async def _open(
-        self, targets: Sequence[Target], verify: bool = False
+        self,
+        targets: Sequence[Target],
+        verify: bool = False,
+        on_tls: Callable[[TlsAttempt], None] | None = None,
+        probe: bool = False,
+        relaxed: bool = False,
     ) -> tuple[SMTPConnection, str, bool] | Outcome:
         """Connect to the first target that answers 2xx; an Outcome when none does.
 
         ``verify`` (the domain's MTA-STS policy is enforced): a target must offer
-        STARTTLS and show a certificate valid for its MX name, or it is skipped."""
+        STARTTLS and show a certificate valid for its MX name, or it is skipped.
+        ``probe`` (its policy is in testing mode): the certificate is checked as
+        ``verify`` would, and when it fails the failure is reported and the same
+        address is connected to again with opportunistic TLS (RFC 8461 §5: testing
+        reports, it does not refuse). ``on_tls``: each session's TLS outcome (tlsrpt.py).
+        ``relaxed`` (RFC 8689 "TLS-Required: No"): ``require_tls`` is waived.
+        """
         last = Outcome(RecipientStatus.DEFERRED, "4.4.1 No MX host could be reached", None)
+        report = on_tls or (lambda _a: None)
         for target in targets:
             for addr in target.addresses:
-                client: SMTPConnection | None = None
-                try:
-                    client = await SMTPConnection.open(
-                        addr,
-                        target.port,
-                        connect_timeout=self.connect_timeout,
-                        source_address=self.source_address,
-                    )
-                    client.timeout = self.command_timeout
-                    await client.ehlo(self.helo)
-                    tls = False
-                    if client.supports("STARTTLS"):
-                        await client.starttls(self._verified if verify else self._tls, target.name)
-                        await client.ehlo(self.helo)
-                        tls = True
-                    elif verify:
-                        await client.quit()
-                        last = Outcome(
-                            RecipientStatus.DEFERRED,
-                            f"4.7.5 {target.name} does not offer STARTTLS, which its domain's"
-                            " MTA-STS policy requires",
-                            target.name,
-                        )
+                checking = verify or probe
+                while True:
+                    opened = await self._connect(target, addr, verify, checking, report, relaxed)
+                    if isinstance(opened, tuple):
+                        return opened
+                    if opened is _AGAIN:
+                        checking = False
                         continue
-                    elif self.require_tls:
-                        await client.quit()
-                        last = Outcome(
-                            RecipientStatus.DEFERRED,
-                            f"4.7.5 {target.name} does not offer STARTTLS and"
-                            " delivery.require_tls is on",
-                            target.name,
-                        )
-                        continue
-                    metrics.delivery_connection(tls)  # metrics
-                    return client, target.name, tls
-                except ReplyError as exc:
-                    last = Outcome(
-                        RecipientStatus.DEFERRED,
-                        f"{exc.code} {exc.text} (greeting from {target.name})",
-                        target.name,
-                        code=exc.code,
-                    )
-                except ssl.SSLCertVerificationError as exc:
-                    last = Outcome(
-                        RecipientStatus.DEFERRED,
-                        f"4.7.5 Certificate of {target.name} does not verify"
-                        f" ({exc.verify_message}), which its domain's MTA-STS policy requires",
-                        target.name,
-                    )
-                except (SessionBroken, OSError, TimeoutError) as exc:
-                    last = Outcome(
-                        RecipientStatus.DEFERRED,
-                        f"4.4.1 Connection to {target.name} [{addr}]:{target.port} failed:"
-                        f" {type(exc).__name__}: {exc}".strip(),
-                        target.name,
-                    )
-                if client is not None:
+                    last = opened
+                    break
+        return last
+
+    async def _connect(
+        self,
+        target: Target,
+        addr: str,
+        verify: bool,
+        checking: bool,
+        report: Callable[[TlsAttempt], None],
+        relaxed: bool = False,
+    ) -> tuple[SMTPConnection, str, bool] | Outcome:
+        """One connection to ``addr``: the session, why there is none, or _AGAIN (a
+        probe's certificate failed: connect again without the check)."""
+        client: SMTPConnection | None = None
+        stage = "connect"
+
+        def failed(result: Result, detail: str) -> None:
+            sending = client.local_ip if client is not None else ""
+            report(TlsAttempt(result, target.name, addr, sending, detail))
+
+        try:
+            client = await SMTPConnection.open(
+                addr,
+                target.port,
+                connect_timeout=self.connect_timeout,
+                source_address=self.source_address,
+            )
+            client.timeout = self.command_timeout
+            await client.ehlo(self.helo)
+            tls = False
+            if client.supports("STARTTLS"):
+                stage = "starttls"
+                await client.starttls(self._verified if checking else self._tls, target.name)
+                stage = "ehlo"
+                report(TlsAttempt(Result.SUCCESS, target.name, addr))
+                await client.ehlo(self.helo)
+                tls = True
+            else:
+                failed(Result.STARTTLS_NOT_SUPPORTED, "STARTTLS not in the EHLO reply")
+                if verify:
                     await client.quit()
+                    return Outcome(
+                        RecipientStatus.DEFERRED,
+                        f"4.7.5 {target.name} does not offer STARTTLS, which its domain's"
+                        " MTA-STS policy requires",
+                        target.name,
+                    )
+                if self.require_tls and not relaxed:
+                    await client.quit()
+                    return Outcome(
+                        RecipientStatus.DEFERRED,
+                        f"4.7.5 {target.name} does not offer STARTTLS and"
+                        " delivery.require_tls is on",
+                        target.name,
+                    )
+            metrics.delivery_connection(tls)  # metrics
+            return client, target.name, tls
+        except ReplyError as exc:
+            if stage == "starttls":
+                failed(Result.STARTTLS_NOT_SUPPORTED, f"STARTTLS answered {exc.code} {exc.text}")
+            last = Outcome(
+                RecipientStatus.DEFERRED,
+                f"{exc.code} {exc.text} (greeting from {target.name})",
+                target.name,
+                code=exc.code,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            failed(certificate_result(exc), str(exc.verify_message))
+            if not verify:  # a probe: report, then deliver as without a policy
+                if client is not None:
+                    client.abort()
+                return _AGAIN
+            last = Outcome(
+                RecipientStatus.DEFERRED,
+                f"4.7.5 Certificate of {target.name} does not verify"
+                f" ({exc.verify_message}), which its domain's MTA-STS policy requires",
+                target.name,
+            )
+        except (SessionBroken, OSError, TimeoutError) as exc:
+            if stage == "starttls":
+                failed(Result.VALIDATION_FAILURE, f"TLS handshake: {type(exc).__name__}: {exc}")
+            last = Outcome(
+                RecipientStatus.DEFERRED,
+                f"4.4.1 Connection to {target.name} [{addr}]:{target.port} failed:"
+                f" {type(exc).__name__}: {exc}".strip(),
+                target.name,
+            )
+        if client is not None:
+            await client.quit()
         return last
 
     async def deliver(
@@ -274,13 +334,17 @@ class DestinationSession:
         on_open: Callable[[], None] | None = None,
         verify: bool = False,
         give_back: Callable[[Outcome], bool] | None = None,
+        on_tls: Callable[[TlsAttempt], None] | None = None,
+        probe: bool = False,
+        relaxed: bool = False,
     ) -> Outcome | None:
         """Deliver each envelope over one session; fill in every recipient's outcome.
 
         Returns why, when no MX host could be reached (every envelope is deferred or
         bounced with it); None once a session was had. ``on_open`` is called for each
         session opened or taken from the cache. ``verify``: TLS with a certificate valid
-        for the MX name is required (MTA-STS, see _open). ``give_back``: asked when no
+        for the MX name is required (MTA-STS, see _open); ``probe``, ``on_tls`` and
+        ``relaxed``: see _open. ``give_back``: asked when no
         session could be opened; True leaves the envelopes not yet sent without an
         outcome (and ``on_done``), for the caller to try again.
 
@@ -301,7 +365,7 @@ class DestinationSession:
             if parked is not None:
                 client, mx, tls = parked.client, parked.mx, parked.tls
             else:
-                opened = await self._open(targets, verify)
+                opened = await self._open(targets, verify, on_tls, probe, relaxed)
                 if isinstance(opened, Outcome):
                     if give_back is not None and give_back(opened):
                         return opened

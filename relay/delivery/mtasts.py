@@ -144,7 +144,7 @@ def verifying_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-class _DNSResolver(AbstractResolver):
+class DNSResolver(AbstractResolver):
     """aiohttp's name lookups through delivery's resolver (never the system's)."""
 
     def __init__(self, resolver: Callable[[], dns.asyncresolver.Resolver]) -> None:
@@ -295,7 +295,7 @@ class PolicyCache:
     async def _fetch(self, domain: str, txt_id: str) -> Policy:
         if self._http is None:
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=_DNSResolver(self.resolver)),
+                connector=aiohttp.TCPConnector(resolver=DNSResolver(self.resolver)),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             )
         host = f"mta-sts.{domain}"

@@ -228,6 +228,12 @@ class SMTPConnection:
     def supports(self, extension: str) -> bool:
         return extension.upper() in self.extensions
 
+    @property
+    def local_ip(self) -> str:
+        """Our address on this connection (TLS reports name it as the sending MTA's)."""
+        name = self._transport.get_extra_info("sockname")
+        return str(name[0]) if name else ""
+
     async def read(self) -> Reply:
         """The next reply, within ``timeout`` seconds."""
         reader = self._reader

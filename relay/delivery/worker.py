@@ -20,10 +20,11 @@ from relay.delivery import dkim
 from relay.delivery.client import DestinationSession, Envelope
 from relay.delivery.destinations import Destinations
 from relay.delivery.dsn import build_dsn
-from relay.delivery.mtasts import KeptPolicies, Mode, PolicyCache
-from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver
+from relay.delivery.mtasts import KeptPolicies, Mode, Policy, PolicyCache
+from relay.delivery.mx import DNSPermanent, DNSTemporary, MXResolver, Target
 from relay.delivery.render import Rendered
 from relay.delivery.render import Renderer as ReputationRenderer
+from relay.delivery.tlsrpt import NOT_IN_POLICY, Result, Tally, TlsAttempt
 from relay.errors import StoreUnavailable
 from relay.intake import first_address, new_queue_id
 from relay.model import Claim, Domain, Outcome, RecipientStatus
@@ -108,6 +109,9 @@ class DeliveryWorker:
         self._holds_read = 0.0  # monotonic time the holds are read again
         self._extra_keys: dict[str, tuple[float, list[Domain]]] = {}
         self.running = False
+        # Each new session's TLS outcome while tls_reports.enabled, for RFC 8460 reports
+        # (set by app.py, whose TlsReporter flushes it; None: not counted).
+        self.tls_tally: Tally | None = None
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -354,6 +358,19 @@ class DeliveryWorker:
     async def _attempt(self, rcpt_domain: str, claims: list[Claim], last: bool) -> list[Claim]:
         """Deliver the claims over a session; those given back untried (see
         _deliver_domain), unless ``last``."""
+        relaxed = [c for c in claims if c.tls_optional]
+        if relaxed and len(relaxed) < len(claims):
+            # RFC 8689 "TLS-Required: No" mail goes in a session of its own, without the
+            # domain's TLS demands; the rest keeps them.
+            strict = [c for c in claims if not c.tls_optional]
+            back = await self._attempt(rcpt_domain, strict, last)
+            return back + await self._attempt(rcpt_domain, relaxed, last)
+        return await self._attempt_session(rcpt_domain, claims, last, bool(relaxed))
+
+    async def _attempt_session(
+        self, rcpt_domain: str, claims: list[Claim], last: bool, relaxed: bool
+    ) -> list[Claim]:
+        """_attempt for claims that all have ``relaxed`` (TLS-Required: No) or none."""
         outcomes: dict[int, Outcome] = {}
         try:
             targets = await self.resolver.targets(rcpt_domain)
@@ -367,32 +384,10 @@ class DeliveryWorker:
             o = Outcome(RecipientStatus.DEFERRED, f"4.4.3 {exc}", None)
             await self._record_all(claims, o)
             return []
-        verify = False
-        if self.cfg.mta_sts and rcpt_domain not in self.resolver.routes:
-            policy = await self.mta_sts.policy(rcpt_domain)
-            if policy is not None and policy.mode is not Mode.NONE:
-                allowed = [t for t in targets if policy.allows(t.name)]
-                if policy.mode is Mode.ENFORCE:
-                    if not allowed:
-                        metrics.mta_sts("refused")
-                        o = Outcome(
-                            RecipientStatus.DEFERRED,
-                            f"4.7.5 The MTA-STS policy of {rcpt_domain} lists none of its MX"
-                            f" hosts ({', '.join(t.name for t in targets)}; policy:"
-                            f" {', '.join(policy.mx)})",
-                        )
-                        await self._record_all(claims, o)
-                        return []
-                    metrics.mta_sts("enforced")
-                    targets, verify = allowed, True
-                elif len(allowed) < len(targets):
-                    metrics.mta_sts("testing_mismatch")
-                    log.warning(
-                        "mta-sts testing: MX hosts of %s not in its policy (%s): %s",
-                        rcpt_domain,
-                        ", ".join(policy.mx),
-                        ", ".join(t.name for t in targets if t not in allowed),
-                    )
+        plan = await self._tls_plan(rcpt_domain, targets, relaxed)
+        if isinstance(plan, Outcome):
+            await self._record_all(claims, plan)
+            return []
         by_id = {c.recipient_id: c for c in claims}
         by_message: dict[str, list[Claim]] = defaultdict(list)
         for c in claims:
@@ -430,12 +425,15 @@ class DeliveryWorker:
         self.destinations.started(rcpt_domain)
         try:
             unreachable = await self.session.deliver(
-                targets,
+                plan.targets,
                 ahead,
                 on_done=done,
                 on_open=lambda: self.destinations.reached(rcpt_domain),
-                verify=verify,
+                verify=plan.verify,
                 give_back=give_back,
+                on_tls=plan.on_tls,
+                probe=plan.probe,
+                relaxed=relaxed,
             )
             if unreachable is not None:
                 self._unreachable(rcpt_domain, unreachable, gave_back)
@@ -453,11 +451,61 @@ class DeliveryWorker:
             await self._record(missing, outcomes)
         return []
 
+    async def _tls_plan(
+        self, rcpt_domain: str, targets: list[Target], relaxed: bool
+    ) -> _TlsPlan | Outcome:
+        """What a session to the domain demands of TLS (its MTA-STS policy) and reports
+        of it (RFC 8460); the deferral when the policy lists none of its MX hosts."""
+        policy: Policy | None = None
+        # RFC 8689 §5: "TLS-Required: No" waives the recipient domain's MTA-STS policy
+        # (and require_tls); RFC 8460 §3: such a session (a TLS report's) is not counted.
+        # A routed domain (a smart host) is neither held to nor told about its policy.
+        routed = rcpt_domain in self.resolver.routes
+        if self.cfg.mta_sts and not relaxed and not routed:
+            policy = await self.mta_sts.policy(rcpt_domain)
+        tally = self.tls_tally
+        on_tls = (
+            tally.recorder(rcpt_domain, policy)
+            if tally is not None and tally.enabled() and not relaxed and not routed
+            else None
+        )
+        if policy is None or policy.mode is Mode.NONE:
+            return _TlsPlan(targets, False, False, on_tls)
+        allowed = [t for t in targets if policy.allows(t.name)]
+        if policy.mode is Mode.TESTING:
+            if len(allowed) < len(targets):
+                metrics.mta_sts("testing_mismatch")
+                log.warning(
+                    "mta-sts testing: MX hosts of %s not in its policy (%s): %s",
+                    rcpt_domain,
+                    ", ".join(policy.mx),
+                    ", ".join(t.name for t in targets if t not in allowed),
+                )
+            # With TLS reports on, certificates are checked as enforce would, to report
+            # what enforcing would refuse (client.py _open's probe); delivered anyway.
+            return _TlsPlan(targets, False, on_tls is not None, on_tls)
+        if not allowed:
+            metrics.mta_sts("refused")
+            if on_tls is not None:
+                first = targets[0].name if targets else ""
+                on_tls(TlsAttempt(Result.VALIDATION_FAILURE, first, detail=NOT_IN_POLICY))
+            return Outcome(
+                RecipientStatus.DEFERRED,
+                f"4.7.5 The MTA-STS policy of {rcpt_domain} lists none of its MX"
+                f" hosts ({', '.join(t.name for t in targets)}; policy:"
+                f" {', '.join(policy.mx)})",
+            )
+        metrics.mta_sts("enforced")
+        return _TlsPlan(allowed, True, False, on_tls)
+
     def _unreachable(self, rcpt_domain: str, refusal: Outcome, gave_back: bool) -> None:
         """No session to the destination could be opened: lower its limit, and suspend it
         unless its mail was given back (another session to it is under way)."""
-        if _says_busy(refusal):
-            self._refused(rcpt_domain, refusal.reply)
+        if not _says_busy(refusal):
+            # The MX answered; our TLS demand (MTA-STS, require_tls) was not met. Not a
+            # dead destination: mail that waives the demand (RFC 8689) must still go.
+            return
+        self._refused(rcpt_domain, refusal.reply)
         if gave_back:
             return
         suspended = self.destinations.unreachable(rcpt_domain, refusal.reply)
@@ -651,6 +699,18 @@ _UTC = "%Y-%m-%dT%H:%M:%SZ"
 # free is a race with the closing session's teardown or a probe of a raised limit, and
 # the next turn usually goes through; ten makes a deferral rare without a loop that never ends.
 GIVE_BACKS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _TlsPlan:
+    """A session's TLS: the MX hosts it may use, whether their certificates must verify
+    (enforce), whether they are checked only to report (testing), and the recorder of
+    its outcome (RFC 8460; None: not counted)."""
+
+    targets: list[Target]
+    verify: bool
+    probe: bool
+    on_tls: Callable[[TlsAttempt], None] | None
 
 
 def _says_busy(refusal: Outcome) -> bool:

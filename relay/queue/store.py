@@ -81,6 +81,8 @@ class NewMessage:
     subject: str = ""
     message_id_header: str = ""
     client: str = ""
+    # RFC 8689 "TLS-Required: No": delivered without MTA-STS or require_tls (Claim).
+    tls_optional: bool = False
     # Counters incremented inside the accept transaction (rate windows, quotas, warm-up).
     counters: tuple[CounterAdd, ...] = ()
     # The rate-limit tokens, taken inside the accept transaction (one commit, not two).
@@ -238,6 +240,7 @@ _CLAIM_DUE = (
         message.c.mail_from,
         message.c.created_at,
         message.c.size,
+        message.c.tls_optional,
     )
     .select_from(recipient.join(message, message.c.id == recipient.c.message_id))
     # Status and limit are written into the SQL (literal_execute): PostgreSQL then plans
@@ -375,7 +378,7 @@ _INSERT_EVENT_SQL = sqlite_onetrip.insert_sql("event", _EVENT_COLUMNS)
 _CLAIM_DUE_SQL = (
     "SELECT recipient.id, recipient.message_id, recipient.address, recipient.rcpt_domain,"
     " recipient.attempts, recipient.due_at, message.account_id, message.mail_from,"
-    " message.created_at, message.size"
+    " message.created_at, message.size, message.tls_optional"
     " FROM recipient JOIN message ON message.id = recipient.message_id"
     " WHERE recipient.status = ? AND recipient.due_at <= ? ORDER BY recipient.due_at LIMIT ?"
 )
@@ -419,6 +422,7 @@ def _claim_on_thread(raw: sqlite3.Connection, step: _ClaimStep) -> list[Claim]:
             attempts=r[4],
             created_at=r[8],
             size=r[9],
+            tls_optional=bool(r[10]),
         )
         for r in rows
     ]
@@ -909,6 +913,7 @@ class Store:
             "client": msg.client,
             "node_id": self.node_id,
             "created_at": now,
+            "tls_optional": msg.tls_optional,
         }
         recipient_rows = [
             {
@@ -1099,6 +1104,7 @@ class Store:
                 attempts=r.attempts,
                 created_at=r.created_at,
                 size=r.size,
+                tls_optional=bool(r.tls_optional),
             )
             for r in rows
         ]

@@ -13,7 +13,7 @@ metadata = sa.MetaData()
 # The Alembic head revision(s) of relay/migrations/versions, sorted: what these tables
 # are. Store.check_schema compares the database with it without loading Alembic; a
 # migration added without updating it is caught by tests/unit/test_queue_schema_head.py.
-SCHEMA_HEAD: tuple[str, ...] = ("0005",)
+SCHEMA_HEAD: tuple[str, ...] = ("0007",)
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY is the rowid alias).
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -77,6 +77,9 @@ message = sa.Table(
     sa.Column("client", sa.String(255), nullable=False, server_default=""),
     sa.Column("node_id", sa.String(255), nullable=False, server_default=""),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
+    # RFC 8689 "TLS-Required: No" (the sender's, or relay's own TLS reports): delivered
+    # without the recipient domain's MTA-STS policy and delivery.require_tls.
+    sa.Column("tls_optional", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 # recipient.status (model.RecipientStatus):
@@ -374,4 +377,26 @@ row_change = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("generation", sa.BigInteger, nullable=False),
+)
+
+# tls_report_count: the TLS outcome of delivery's sessions per UTC day and recipient
+# (policy) domain, for the SMTP TLS reports of RFC 8460 (relay/delivery/tlsrpt.py). One
+# row per distinct outcome; ``n`` sessions had it. ``key`` is a digest of every column
+# after it, so the upsert's conflict target stays short whatever the policy text.
+# ``result`` "" is a success; the others are §4.3's result types. Rows of a day are
+# deleted when its reports are made (queue/tlsrpt.py take_through).
+tls_report_count = sa.Table(
+    "tls_report_count",
+    metadata,
+    sa.Column("day", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("policy_domain", sa.String(255), nullable=False),
+    sa.Column("policy_type", sa.String(32), nullable=False),
+    sa.Column("policy", sa.Text, nullable=False),  # JSON: policy-string and mx-host
+    sa.Column("result", sa.String(64), nullable=False),
+    sa.Column("mx", sa.String(255), nullable=False),
+    sa.Column("sending_ip", sa.String(64), nullable=False),
+    sa.Column("receiving_ip", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
 )

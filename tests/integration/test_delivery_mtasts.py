@@ -14,7 +14,15 @@ import trustme
 from tests.integration.test_operations_metrics import scrape, value
 from tests.support.dnsserver import DNSServer
 from tests.support.net import free_port
-from tests.support.relayproc import MakeRelay, RelayProcess, send_one, wait_status
+from tests.support.relayproc import (
+    MakeRelay,
+    RelayProcess,
+    make_message,
+    queue_id,
+    send_one,
+    submit,
+    wait_status,
+)
 from tests.support.sink import SMTPSink
 
 GOOD_MX = "mx.good.example"
@@ -63,7 +71,7 @@ class PolicyServer:
         self.httpd.server_close()
 
 
-def _policy(mode: str, *mx: str) -> str:
+def policy_text(mode: str, *mx: str) -> str:
     return (
         "version: STSv1\n"
         + f"mode: {mode}\n"
@@ -83,10 +91,10 @@ def world(
     ca = trustme.CA()
     good = SMTPSink(hostname=GOOD_MX, host=GOOD_IP, port=sink.port, ca=ca).start()
     policies = {
-        "good.example": _policy("enforce", "*.good.example"),
-        "badcert.example": _policy("enforce", "mx.badcert.example"),
-        "unlisted.example": _policy("enforce", "mx.elsewhere.example"),
-        "testing.example": _policy("testing", "mx.elsewhere.example"),
+        "good.example": policy_text("enforce", "*.good.example"),
+        "badcert.example": policy_text("enforce", "mx.badcert.example"),
+        "unlisted.example": policy_text("enforce", "mx.elsewhere.example"),
+        "testing.example": policy_text("testing", "mx.elsewhere.example"),
     }
     server = PolicyServer(ca, policies)
     mx_of = {
@@ -164,6 +172,47 @@ async def test_an_enforced_policy_delivers_over_verified_tls_and_defers_what_it_
     good.wait_for(2)
     assert server.fetches.count("good.example") == fetched
     assert dns_server.query_count("_mta-sts.good.example", "TXT") == asked
+
+
+async def test_tls_required_no_delivers_past_a_policy_the_mx_fails_and_others_wait(
+    world: tuple[RelayProcess, SMTPSink, PolicyServer], sink: SMTPSink
+) -> None:
+    # RFC 8689: the sender says the message may go without verified TLS (a TLS report,
+    # a password reset to a domain whose MTA-STS broke): the policy is waived for it
+    # alone, in a session of its own; the message beside it keeps the policy.
+    relay, _good, _server = world
+    waived = make_message("a@example.com", ["x@badcert.example"], headers={"TLS-Required": "No"})
+    strict = make_message("a@example.com", ["y@badcert.example"])
+    await submit(
+        relay.submission_port,
+        sender="a@example.com",
+        recipients=["x@badcert.example"],
+        data=waived,
+    )
+    kept = queue_id(
+        await submit(
+            relay.submission_port,
+            sender="a@example.com",
+            recipients=["y@badcert.example"],
+            data=strict,
+        )
+    )
+    assert kept is not None
+    (got,) = sink.wait_for(1)
+    assert got.rcpt_tos == ("x@badcert.example",)
+    assert got.tls  # opportunistic TLS, the certificate not checked
+    assert got.header("TLS-Required") == "No"  # kept for the next hop (RFC 8689 §5)
+    shown = wait_status(relay, kept, "deferred")
+    assert "4.7.5 Certificate of mx.badcert.example does not verify" in shown
+
+    # The policy's refusal did not suspend the domain: more waived mail goes at once.
+    await submit(
+        relay.submission_port,
+        sender="a@example.com",
+        recipients=["z@badcert.example"],
+        data=make_message("a@example.com", ["z@badcert.example"], headers={"TLS-Required": "no"}),
+    )
+    assert [m.rcpt_tos for m in sink.wait_for(2)][1] == ("z@badcert.example",)
 
 
 async def test_a_domain_without_a_policy_is_delivered_as_before(

@@ -90,7 +90,7 @@ async def test_nxdomain_bounces_and_servfail_defers(
     wait_status(relay, q2, "deferred")
 
 
-async def test_require_tls_defers_when_the_mx_has_no_starttls(
+async def test_require_tls_defers_when_the_mx_has_no_starttls_unless_tls_is_waived(
     make_relay: Callable[..., RelayProcess], dns_server: DNSServer
 ) -> None:
     with SMTPSink(tls=False) as plain:
@@ -109,6 +109,23 @@ async def test_require_tls_defers_when_the_mx_has_no_starttls(
         out = wait_status(relay, qid, "deferred")
         assert "STARTTLS" in out and "require_tls" in out
         assert plain.messages == []
+
+        # RFC 8689: a message that says "TLS-Required: No" goes in clear all the same.
+        waived = make_message("a@example.com", ["y@plain.example"], headers={"TLS-Required": "No"})
+        sent = queue_id(
+            await submit(
+                relay.submission_port,
+                sender="a@example.com",
+                recipients=["y@plain.example"],
+                data=waived,
+            )
+        )
+        assert sent is not None
+        wait_status(relay, sent, "delivered")
+        assert [(m.rcpt_tos, m.tls) for m in plain.messages] == [(("y@plain.example",), False)]
+        # ... and its session in clear was not kept for the next, stricter batch.
+        again = await _send(relay, "z@plain.example")
+        assert "require_tls" in wait_status(relay, again, "deferred")
 
 
 async def test_routes_override_mx_lookup(

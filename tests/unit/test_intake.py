@@ -26,6 +26,25 @@ def test_parse_finds_from_subject_and_message_id() -> None:
     assert not p.has_date
 
 
+def test_tls_required_no_in_the_header_waives_tls_and_nothing_else_does() -> None:
+    # RFC 8689 §5.1: "TLS-Required:" [FWS] "No" (case-insensitive), in the header only.
+    for head in (
+        b"From: a@example.com\r\nTLS-Required: No\r\n",
+        b"tls-required:no\r\nFrom: a@example.com\r\n",
+        b"From: a@example.com\r\nTLS-Required:\r\n  NO\r\n",
+    ):
+        assert parse(head + b"\r\nbody\r\n").tls_optional, head
+    for head in (
+        b"From: a@example.com\r\n",
+        b"From: a@example.com\r\nTLS-Required: Nope\r\n",
+        b"From: a@example.com\r\nX-TLS-Required: No\r\n",
+    ):
+        assert not parse(head + b"\r\nbody\r\n").tls_optional, head
+    assert not parse(b"From: a@example.com\r\n\r\nTLS-Required: No\r\n").tls_optional
+    # The email package's path (a bare LF in the header) reads it the same way.
+    assert parse(b"From: a@example.com\nTLS-Required: No\n\nbody\n").tls_optional
+
+
 def test_rfc2047_subject_is_decoded() -> None:
     p = parse(b"From: a@example.com\r\nSubject: =?utf-8?b?w6ljaGVj?=\r\n\r\nx\r\n")
     assert p.subject == "échec" and p.subject_ok
