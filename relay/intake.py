@@ -167,9 +167,18 @@ def decode_subject(raw: str) -> tuple[str, bool]:
 
 
 # RFC 8689 §5.1: tls-required-field = "TLS-Required:" [FWS] "No" CRLF (ABNF strings are
-# case-insensitive). Searched in the header block: one regex pass over ~1-2 KB, where
-# adding it to _NEEDED would end _header_fields' early stop for nearly every message.
-_TLS_REQUIRED_NO = re.compile(rb"(?:^|\n)TLS-Required:[ \t]*(?:\r\n[ \t]+)?No[ \t]*\r", re.I)
+# case-insensitive). Looked for in the lowered header block with a plain find (~1 us for
+# 1 KB) and only then matched: a case-insensitive regex search over the block cost
+# 14 us a message, and adding it to _NEEDED would end _header_fields' early stop.
+_TLS_REQUIRED = b"\ntls-required:"
+_TLS_REQUIRED_NO = re.compile(rb"[ \t]*(?:\r\n[ \t]+)?no[ \t]*\r")
+
+
+def _tls_optional(head: bytes) -> bool:
+    low = b"\n" + head.lower()
+    at = low.find(_TLS_REQUIRED)
+    return at >= 0 and _TLS_REQUIRED_NO.match(low, at + len(_TLS_REQUIRED)) is not None
+
 
 # The fields parse reads, lower case: Message.get compares names case-insensitively.
 _NEEDED = frozenset({"from", "subject", "message-id", "date"})
@@ -272,7 +281,7 @@ def _from_fields(data: bytes, fields: Mapping[str, _Fetched], head: bytes) -> Pa
         message_id=str(fields.get("message-id", "") or "").strip(),
         has_date="date" in fields,
         longest_line=longest_line(data) if has_line_over(data, _RFC5322_LINE) else 0,
-        tls_optional=_TLS_REQUIRED_NO.search(head) is not None,
+        tls_optional=_tls_optional(head),
     )
 
 

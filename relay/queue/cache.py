@@ -117,9 +117,10 @@ class RowCache:
         self._generation_of = generation_of
 
     async def _look(self) -> None:
-        now = self.clock()
-        if self._generation_of is None or now < self._check_at:
+        """Read the generation (fetch calls it once CHECK_EVERY has passed)."""
+        if self._generation_of is None:
             return
+        now = self.clock()
         # Set before the read: the reads that arrive meanwhile serve what is cached
         # rather than each reading the generation too.
         self._check_at = now + CHECK_EVERY
@@ -154,7 +155,8 @@ class RowCache:
         """The cached value of ``key``, or ``load()``'s (cached when ``keep`` says so)."""
         if not self.enabled:
             return await load()
-        await self._look()
+        if self._generation_of is not None and self.clock() >= self._check_at:
+            await self._look()
         found = self.get(key)
         if found is not _MISSING:
             self.hits += 1
