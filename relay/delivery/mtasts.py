@@ -66,6 +66,30 @@ class PolicyError(Exception):
     """the MTA-STS policy is not valid"""
 
 
+class PolicyFetchError(PolicyError):
+    """the MTA-STS policy could not be fetched"""
+
+
+@dataclass(frozen=True, slots=True)
+class Unfetched:
+    """Why a domain that publishes a policy has none in force (RFC 8460 §4.3.2.2 names
+    it in TLS reports): ``kind`` is sts-policy-fetch-error, sts-policy-invalid or
+    sts-webpki-invalid, ``reason`` the error."""
+
+    kind: str
+    reason: str
+
+
+def unfetched(exc: BaseException) -> Unfetched:
+    """The RFC 8460 name of a failed policy fetch."""
+    reason = str(exc)[:200] or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+        return Unfetched("sts-webpki-invalid", reason)
+    if isinstance(exc, PolicyError | ValueError) and not isinstance(exc, PolicyFetchError):
+        return Unfetched("sts-policy-invalid", reason)
+    return Unfetched("sts-policy-fetch-error", reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     id: str  # the TXT record's id when it was fetched
@@ -186,6 +210,7 @@ class _Cached:
     policy: Policy | None  # None: no policy (negative entry)
     expires: float  # on the clock below
     checked: float = 0.0  # when the TXT id was last seen to match (0: never)
+    failed: Unfetched | None = None  # a negative entry's: the TXT said there is a policy
 
 
 class PolicyCache:
@@ -223,6 +248,14 @@ class PolicyCache:
             now = self.clock()
             self._cache = {k: v for k, v in self._cache.items() if v.expires > now}
         return found
+
+    def unfetched(self, domain: str) -> Unfetched | None:
+        """Why ``domain`` has no policy although its TXT record says it has one (the
+        last fetch failed, and is not retried before NEGATIVE_TTL); None otherwise."""
+        cached = self._cache.get(domain.lower().rstrip("."))
+        if cached is None or cached.policy is not None or cached.expires <= self.clock():
+            return None
+        return cached.failed
 
     async def _policy(self, domain: str) -> Policy | None:
         now = self.clock()
@@ -262,7 +295,7 @@ class PolicyCache:
         except (PolicyError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             log.warning("mta-sts: policy of %s could not be fetched: %s", domain, exc)
             if live is None:
-                self._cache[domain] = _Cached(None, now + NEGATIVE_TTL)
+                self._cache[domain] = _Cached(None, now + NEGATIVE_TTL, failed=unfetched(exc))
             return live
         self._cache[domain] = _Cached(fetched, now + fetched.max_age, now)
         if self.kept is not None:
@@ -303,7 +336,7 @@ class PolicyCache:
         url = f"https://{host}{port}/.well-known/mta-sts.txt"
         async with self._http.get(url, ssl=self._tls, allow_redirects=False) as resp:
             if resp.status != 200:
-                raise PolicyError(f"{url} answered HTTP {resp.status}")
+                raise PolicyFetchError(f"{url} answered HTTP {resp.status}")
             if resp.content_type != "text/plain":
                 raise PolicyError(f"{url} is {resp.content_type}, not text/plain")
             body = await resp.content.read(MAX_POLICY_BYTES + 1)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from relay import metrics
-from relay.delivery.mtasts import Mode, Policy
+from relay.delivery.mtasts import Mode, Policy, Unfetched
 from relay.queue.tlsrpt import SessionCount
 
 DAY = 86_400
@@ -43,6 +43,10 @@ class Result(enum.Enum):
     CERTIFICATE_EXPIRED = "certificate-expired"
     CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
     VALIDATION_FAILURE = "validation-failure"
+    # §4.3.2.2: the domain publishes an MTA-STS policy that could not be had.
+    STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
+    STS_POLICY_INVALID = "sts-policy-invalid"
+    STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
 
 # OpenSSL's X509_V_ERR_* (x509_vfy.h): not yet valid / expired, and the name check.
@@ -115,14 +119,20 @@ class Tally:
         self.clock = clock
         self._counts: Counter[SessionCount] = Counter()
 
-    def recorder(self, domain: str, policy: Policy | None) -> Callable[[TlsAttempt], None]:
-        """What client.py calls with each new session's outcome, for ``domain``."""
-        held_to = ReportPolicy.of(policy)
+    def recorder(
+        self, domain: str, policy: Policy | None, unfetched: Unfetched | None = None
+    ) -> Callable[[TlsAttempt], None]:
+        """What client.py calls with each new session's outcome, for ``domain``.
+        ``unfetched``: the domain publishes a policy that could not be had; each session
+        is then a failure of that kind under policy-type sts, whatever its TLS did."""
+        held_to = ReportPolicy("sts") if unfetched is not None else ReportPolicy.of(policy)
         policy_json = held_to.to_json()
         testing = policy is not None and policy.mode is Mode.TESTING
 
         def record(attempt: TlsAttempt) -> None:
-            if testing and policy is not None and not policy.allows(attempt.mx):
+            if unfetched is not None:
+                attempt = replace(attempt, result=Result(unfetched.kind), detail=unfetched.reason)
+            elif testing and policy is not None and not policy.allows(attempt.mx):
                 # Delivered (testing mode), but enforce would not have used this host.
                 attempt = replace(attempt, result=Result.VALIDATION_FAILURE, detail=NOT_IN_POLICY)
             success = attempt.result is Result.SUCCESS

@@ -464,11 +464,10 @@ class DeliveryWorker:
         if self.cfg.mta_sts and not relaxed and not routed:
             policy = await self.mta_sts.policy(rcpt_domain)
         tally = self.tls_tally
-        on_tls = (
-            tally.recorder(rcpt_domain, policy)
-            if tally is not None and tally.enabled() and not relaxed and not routed
-            else None
-        )
+        on_tls = None
+        if tally is not None and tally.enabled() and not relaxed and not routed:
+            missing = self.mta_sts.unfetched(rcpt_domain) if policy is None else None
+            on_tls = tally.recorder(rcpt_domain, policy, missing)
         if policy is None or policy.mode is Mode.NONE:
             return _TlsPlan(targets, False, False, on_tls)
         allowed = [t for t in targets if policy.allows(t.name)]

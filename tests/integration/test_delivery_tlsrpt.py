@@ -94,14 +94,22 @@ def world(
             "good.example": policy_text("enforce", "*.good.example"),
             "testing.example": policy_text("testing", "mx.testing.example"),
             "unlisted.example": policy_text("enforce", "mx.elsewhere.example"),
+            "invalid.example": "version: STSv2\nmode: enforce\n",
+            "broken.example": "",  # in the certificate; its policy is gone below (404)
+            # webpki.example: a TXT record, but the policy host's certificate is not
+            # for its name.
         },
     )
+    del policies.policies["broken.example"]
     receiver = ReportReceiver(ca)
     mx_of = {
         "good.example": ("mx.good.example", "127.0.0.6"),
         "testing.example": ("mx.testing.example", "127.0.0.1"),
         "plain.example": ("mx.plain.example", "127.0.0.7"),
         "unlisted.example": ("mx.good.example", "127.0.0.6"),
+        "broken.example": ("mx.broken.example", "127.0.0.1"),
+        "invalid.example": ("mx.invalid.example", "127.0.0.1"),
+        "webpki.example": ("mx.webpki.example", "127.0.0.1"),
     }
     for domain, (mx, ip) in mx_of.items():
         dns_server.add(domain, "MX", f"10 {mx}.")
@@ -166,9 +174,13 @@ async def test_the_days_tls_sessions_are_reported_by_https_and_by_signed_mail(
         wait_status(relay, qid, "delivered")
     # The policy lists none of its MX hosts: deferred, and reported as such.
     wait_status(relay, await send_one(relay, "d@unlisted.example"), "deferred")
+    # A policy that cannot be fetched, or is not valid: delivered with opportunistic TLS
+    # (RFC 8461 §5), and reported as what kept the policy from being applied.
+    for rcpt in ("e@broken.example", "f@invalid.example", "g@webpki.example"):
+        wait_status(relay, await send_one(relay, rcpt), "delivered")
     assert good.messages[0].tls and not plain.messages[0].tls
     # testing mode: the certificate was checked (and failed), the mail went anyway.
-    assert [m.rcpt_tos for m in sink.messages] == [("b@testing.example",)]
+    assert ("b@testing.example",) in [m.rcpt_tos for m in sink.messages]
     metrics = scrape(f"{relay.http_url}/metrics")
     assert value(metrics, "relay_delivery_tls_sessions_total", result="success") >= 2
     assert value(metrics, "relay_delivery_tls_sessions_total", result="starttls-not-supported") == 1
@@ -182,8 +194,14 @@ async def test_the_days_tls_sessions_are_reported_by_https_and_by_signed_mail(
     assert "testing.example  sts (testing)  successful 1  failed 1" in shown
     assert "certificate-not-trusted  mx.testing.example [127.0.0.1]" in shown
     assert "plain.example  no-policy-found  successful 0  failed 1" in shown
-    assert "unlisted.example  sts (enforce)  successful 0  failed 1" in shown
-    assert "validation-failure  mx.good.example  from -: 1" in shown
+    # (failed at each retry: the test relay retries after a second)
+    assert "unlisted.example  sts (enforce)  successful 0  failed " in shown
+    assert "validation-failure  mx.good.example  from -: " in shown
+    assert "broken.example  sts  successful 0  failed 1" in shown
+    assert "sts-policy-fetch-error  mx.broken.example [127.0.0.1]" in shown
+    assert "answered HTTP 404" in shown
+    assert "sts-policy-invalid  mx.invalid.example [127.0.0.1]" in shown
+    assert "sts-webpki-invalid  mx.webpki.example [127.0.0.1]" in shown
     checked = relay.cli("tls-report", "check", "good.example").stdout.split()
     assert checked == [
         f"https://{REPORTS_HOST}:{receiver.port}/v1/good.example",
@@ -192,14 +210,20 @@ async def test_the_days_tls_sessions_are_reported_by_https_and_by_signed_mail(
 
     results = await _report_tomorrow(relay)
     assert sorted((r.domain, r.uri.split(":")[0], r.outcome) for r in results) == [
+        ("broken.example", "https", "sent"),
+        ("broken.example", "mailto", "queued"),
         ("good.example", "https", "sent"),
         ("good.example", "mailto", "queued"),
+        ("invalid.example", "https", "sent"),
+        ("invalid.example", "mailto", "queued"),
         ("plain.example", "https", "sent"),
         ("plain.example", "mailto", "queued"),
         ("testing.example", "https", "sent"),
         ("testing.example", "mailto", "queued"),
         ("unlisted.example", "https", "sent"),
         ("unlisted.example", "mailto", "queued"),
+        ("webpki.example", "https", "sent"),
+        ("webpki.example", "mailto", "queued"),
     ]
     assert await _report_tomorrow(relay) == []  # the day is reported once
     assert "no sessions counted" in relay.cli("tls-report", "show").stdout
@@ -231,12 +255,17 @@ async def test_the_days_tls_sessions_are_reported_by_https_and_by_signed_mail(
         "policy-domain": "plain.example",
     }
     assert plain_policy["failure-details"][0]["result-type"] == "starttls-not-supported"
+    (broken,) = posted["/v1/broken.example"][1]["policies"]
+    assert broken["policy"] == {"policy-type": "sts", "policy-domain": "broken.example"}
+    (fetch_error,) = broken["failure-details"]
+    assert fetch_error["result-type"] == "sts-policy-fetch-error"
+    assert "answered HTTP 404" in fetch_error["failure-reason-code"]
 
     # The mailed reports go out through relay's queue, signed with example.com's key.
     sink.clear_replies()
     relay.start()
-    mails = [m for m in sink.wait_for(5) if m.rcpt_tos == ("tls@example.org",)]
-    assert len(mails) == 4
+    mails = [m for m in sink.wait_for(11) if m.rcpt_tos == ("tls@example.org",)]
+    assert len(mails) == 7
     by_domain = {m.header("TLS-Report-Domain"): m for m in mails}
     mail = by_domain["testing.example"]
     assert mail.header("TLS-Report-Submitter") == "example.com"

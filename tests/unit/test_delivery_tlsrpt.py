@@ -9,7 +9,14 @@ import gzip
 import json
 import ssl
 
-from relay.delivery.mtasts import Mode, Policy
+from relay.delivery.mtasts import (
+    Mode,
+    Policy,
+    PolicyError,
+    PolicyFetchError,
+    Unfetched,
+    unfetched,
+)
 from relay.delivery.tlsreports import (
     MadeReport,
     build_report,
@@ -97,6 +104,29 @@ def test_a_testing_policy_counts_a_host_it_does_not_list_as_a_validation_failure
         "rogue.example.org",
         "192.0.2.9",
         NOT_IN_POLICY,
+    )
+
+
+def test_a_policy_that_could_not_be_had_is_named_by_why() -> None:
+    # §4.3.2.2: fetch error, invalid policy, or a policy host without a valid certificate.
+    assert unfetched(PolicyFetchError("answered HTTP 404")).kind == "sts-policy-fetch-error"
+    assert unfetched(TimeoutError()).kind == "sts-policy-fetch-error"
+    assert unfetched(PolicyError("no mx line")).kind == "sts-policy-invalid"
+    assert unfetched(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x")).kind == ("sts-policy-invalid")
+    cert = ssl.SSLCertVerificationError("certificate verify failed")
+    assert unfetched(cert).kind == "sts-webpki-invalid"
+
+
+def test_each_session_to_a_domain_whose_policy_could_not_be_had_is_that_failure() -> None:
+    tally = Tally(clock=lambda: NOW)
+    missing = Unfetched("sts-policy-fetch-error", "answered HTTP 404")
+    tally.recorder("example.net", None, missing)(TlsAttempt(Result.SUCCESS, "mx1", "192.0.2.1"))
+    (count,) = tally.take()
+    assert (count.policy_type, count.result, count.mx, count.detail) == (
+        "sts",
+        "sts-policy-fetch-error",
+        "mx1",
+        "answered HTTP 404",
     )
 
 
