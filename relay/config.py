@@ -272,7 +272,7 @@ class TLSReportsConfig:
     # A day's reports are made this long after it ends (UTC), so that every node has
     # added its counts (they flush each minute); §5.1 asks for them within the next day.
     send_after: float = 900.0
-    # Each HTTPS POST of a report; no retry (§5.4 leaves it to the sender).
+    # Each HTTPS POST of a report (a failed one is retried for 24 h, §5.5).
     http_timeout: float = 30.0
 
 

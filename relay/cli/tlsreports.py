@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from collections import defaultdict
 from typing import Any
 
 from relay.cli import fail, with_store
 from relay.config import Config
 from relay.queue import tlsrpt as sql
+from relay.queue.events import day_of
+from relay.queue.operate import domain_key
+from relay.queue.rollup import DAY
 from relay.queue.store import Store
 
 # Delivery's modules are imported by the commands: `relay serve` builds this parser in
@@ -40,7 +42,7 @@ async def cmd_show(store: Store, cfg: Config, args: argparse.Namespace) -> int:
 
     counts = await sql.pending(store)
     if args.domain:
-        counts = [c for c in counts if c.policy_domain == args.domain.lower().rstrip(".")]
+        counts = [c for c in counts if c.policy_domain == domain_key(args.domain)]
     if not cfg.tls_reports.enabled:
         print("tls_reports.enabled is off: sessions are not counted and no report is sent")
     if not counts:
@@ -54,7 +56,7 @@ async def cmd_show(store: Store, cfg: Config, args: argparse.Namespace) -> int:
         mode = next((s[6:] for s in held_to.strings if s.startswith("mode: ")), "")
         ok = sum(r.n for r in rows if not r.result)
         failed = sum(r.n for r in rows if r.result)
-        date = _date(day)
+        date = day_of(day * DAY)
         kind = f"{policy_type} ({mode})" if mode else policy_type
         print(f"{date}  {domain}  {kind}  successful {ok}  failed {failed}")
         for r in rows:
@@ -70,7 +72,7 @@ async def cmd_check(store: Store, cfg: Config, args: argparse.Namespace) -> int:
     from relay.delivery.tlsreports import TlsReporter
     from relay.delivery.tlsrpt import Tally
 
-    domain = args.domain.lower().rstrip(".")
+    domain = domain_key(args.domain)
     resolver = make_resolver(cfg.dns)
     reporter = TlsReporter(store, lambda: cfg, Tally(), lambda: resolver)
     uris = await reporter.rua(domain)
@@ -79,7 +81,3 @@ async def cmd_check(store: Store, cfg: Config, args: argparse.Namespace) -> int:
     for uri in uris:
         print(uri)
     return 0
-
-
-def _date(day: int) -> str:
-    return dt.datetime.fromtimestamp(day * 86_400, dt.UTC).strftime("%Y-%m-%d")

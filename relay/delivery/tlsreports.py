@@ -44,10 +44,11 @@ import dns.resolver
 from relay import metrics
 from relay.config import Config, TLSReportsConfig
 from relay.delivery.mtasts import DNSResolver, verifying_context
-from relay.delivery.tlsrpt import DAY, ReportPolicy, Tally
+from relay.delivery.tlsrpt import ReportPolicy, Tally
 from relay.errors import NotFound, RelayError
 from relay.intake import new_queue_id
 from relay.queue import tlsrpt as sql
+from relay.queue.rollup import DAY
 from relay.queue.store import NewMessage, NewRecipient, Store
 from relay.queue.tlsrpt import SessionCount
 from relay.tasks import every

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 
 from relay import metrics
 from relay.delivery.mtasts import Mode, Policy, Unfetched
+from relay.queue.rollup import DAY
 from relay.queue.tlsrpt import SessionCount
 
-DAY = 86_400
 # additional-information of a session to an MX host the domain's MTA-STS policy omits.
 NOT_IN_POLICY = "MX host not listed in the domain's MTA-STS policy"
 

@@ -25,6 +25,19 @@ from relay.queue.tables import schema_meta, tls_report_count
 MARK_KEY = "tlsrpt_reported_through"
 
 
+# What tells one outcome from another (besides the day): the key is a digest of these.
+_COLUMNS = (
+    "policy_domain",
+    "policy_type",
+    "policy",
+    "result",
+    "mx",
+    "sending_ip",
+    "receiving_ip",
+    "detail",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionCount:
     """``n`` sessions to ``policy_domain`` on ``day`` had this outcome."""
@@ -42,29 +55,8 @@ class SessionCount:
 
     @property
     def key(self) -> str:
-        fields = (
-            self.policy_domain,
-            self.policy_type,
-            self.policy,
-            self.result,
-            self.mx,
-            self.sending_ip,
-            self.receiving_ip,
-            self.detail,
-        )
+        fields = (getattr(self, c) for c in _COLUMNS)
         return hashlib.sha256("\0".join(fields).encode()).hexdigest()
-
-
-_COLUMNS = (
-    "policy_domain",
-    "policy_type",
-    "policy",
-    "result",
-    "mx",
-    "sending_ip",
-    "receiving_ip",
-    "detail",
-)
 
 
 def _row(c: SessionCount) -> dict[str, object]:

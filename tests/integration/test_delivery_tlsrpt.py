@@ -30,7 +30,8 @@ from relay.config import (
 )
 from relay.delivery.mx import make_resolver
 from relay.delivery.tlsreports import FLUSH_EVERY, RETRY_FIRST, RETRY_MAX, TlsReporter
-from relay.delivery.tlsrpt import DAY, Result, Tally, TlsAttempt
+from relay.delivery.tlsrpt import Result, Tally, TlsAttempt
+from relay.queue.rollup import DAY
 from relay.queue.store import Store
 from tests.integration.test_delivery_mtasts import PolicyServer, policy_text
 from tests.integration.test_operations_metrics import scrape, value

@@ -25,7 +25,6 @@ from relay.delivery.tlsreports import (
     rua_of,
 )
 from relay.delivery.tlsrpt import (
-    DAY,
     NOT_IN_POLICY,
     ReportPolicy,
     Result,
@@ -33,6 +32,7 @@ from relay.delivery.tlsrpt import (
     TlsAttempt,
     certificate_result,
 )
+from relay.queue.rollup import DAY
 
 ENFORCE = Policy("id1", Mode.ENFORCE, ("*.mail.example.net",), 86400)
 TESTING = Policy("id2", Mode.TESTING, ("mx1.example.net",), 604800)
